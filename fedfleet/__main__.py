@@ -1,0 +1,3 @@
+from fedfleet.cli.app import main
+
+main()

@@ -1,0 +1,91 @@
+"""Registers the commands; turns fedfleet errors into a message and an exit status."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .. import __version__
+from ..errors import ConfigError, FedfleetError
+from . import run as run_cmd
+
+HELP = "Deploy and run cross-silo federated learning across clouds (Flower, Pulumi, Ansible)."
+PROJECT_HELP = "Project directory (holds Pulumi.yaml); default: the nearest one above the current directory."
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+err_console = Console(stderr=True)
+
+
+def find_project(start: Path) -> Path:
+    for candidate in (start, *start.parents):
+        if (candidate / "Pulumi.yaml").exists():
+            return candidate
+    raise ConfigError(
+        f"no Pulumi.yaml in {start} or any parent: run fedfleet inside the project "
+        "directory or pass --project PATH"
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedfleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    project: Path | None = typer.Option(None, "--project", help=PROJECT_HELP),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version."
+    ),
+) -> None:
+    ctx.obj = project
+
+
+def project_dir(ctx: typer.Context) -> Path:
+    given = ctx.obj
+    if given is not None:
+        given = Path(given).resolve()
+        if not (given / "Pulumi.yaml").exists():
+            raise ConfigError(f"--project {given}: there is no Pulumi.yaml in that directory")
+        return given
+    return find_project(Path.cwd().resolve())
+
+
+app.command("run", help=run_cmd.HELP)(run_cmd.command)
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every started process is stopped
+
+
+def main() -> None:
+    # Ctrl-C and SIGTERM unwind the run so it stops what it started; set both
+    # explicitly, since a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _sigterm)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    try:
+        code = app(standalone_mode=False)
+    except FedfleetError as err:
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        code = 130
+    except click.ClickException as err:  # usage errors, with standalone_mode=False
+        err.show()
+        sys.exit(err.exit_code)
+    except click.Abort:
+        code = 130
+    if code == 130:  # typer turns KeyboardInterrupt into this exit code
+        err_console.print("[yellow]interrupted: every process this run started was stopped[/]")
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,133 @@
+"""`fedfleet run`: one-shot federated run with a live per-round display."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from .. import runner
+from ..results import RunState
+
+HELP = (
+    "Run one federated training on a stack (default: the embedded local stack): start the "
+    "SuperLink and a SuperNode per participant, train, save every round's model, stop everything."
+)
+STACK_HELP = "Stack name: stacks/Pulumi.<stack>.yaml."
+ROUNDS_HELP = "Number of rounds (default: the stack's fedfleet:app num-server-rounds)."
+JSON_HELP = "Print the run's summary.json to stdout instead of the live display."
+
+
+class LiveDisplay:
+    """Stage lines, then a table that fills in round by round."""
+
+    def __init__(self, console: Console, rounds: int | None) -> None:
+        self.console = console
+        self.rounds = rounds
+        self.started = time.monotonic()
+        self.live: Live | None = None
+        self.state: RunState | None = None
+
+    def stage(self, name: str, detail: str = "") -> None:
+        if name == "training":
+            self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+            self.live.start()
+            return
+        if name == "stopping" and self.live is not None:
+            self._stop_live()
+        self.console.print(
+            f"[dim]{time.monotonic() - self.started:6.1f}s[/] [bold]{name}[/] {escape(detail)}"
+        )
+
+    def update(self, state: RunState) -> None:
+        self.state = state
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def _render(self) -> Group:
+        state = self.state
+        planned = state.rounds_planned if state else self.rounds or 0
+        table = Table(title=None, box=None, header_style="bold", pad_edge=False)
+        for column in ("round", "loss", "accuracy", "F1", "precision", "recall", "seconds"):
+            table.add_column(column, justify="right")
+        if state is not None:
+            for number in sorted(state.rounds):
+                record = state.rounds[number]
+                m = record.evaluation
+                seconds = record.seconds
+                table.add_row(
+                    str(number),
+                    f"{m['loss']:.3f}" if "loss" in m else "…",
+                    f"{m['accuracy']:.1%}" if "accuracy" in m else "…",
+                    f"{m['f1']:.3f}" if "f1" in m else "…",
+                    f"{m['precision']:.3f}" if "precision" in m else "…",
+                    f"{m['recall']:.3f}" if "recall" in m else "…",
+                    f"{seconds:.1f}" if seconds is not None else ("…" if number else "-"),
+                )
+        done = state.completed_rounds if state else 0
+        width = 30
+        filled = int(width * done / planned) if planned else 0
+        bar = Text(f"rounds {done}/{planned} ", style="bold")
+        bar.append("█" * filled, style="green")
+        bar.append("░" * (width - filled), style="dim")
+        bar.append(f"  {time.monotonic() - self.started:.0f}s")
+        return Group(bar, table)
+
+    def _stop_live(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+            self.live.stop()
+            self.live = None
+
+    def close(self) -> None:
+        self._stop_live()
+
+
+def command(
+    ctx: typer.Context,
+    stack: str = typer.Option("local", "--stack", help=STACK_HELP),
+    rounds: int | None = typer.Option(None, "--rounds", min=1, help=ROUNDS_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    from .app import project_dir
+
+    project = project_dir(ctx)
+    console = Console(stderr=as_json)
+    display = None if as_json else LiveDisplay(console, rounds)
+    try:
+        summary = runner.run(project, stack, rounds=rounds, observer=display)
+    finally:
+        if display is not None:
+            display.close()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    _print_result(console, summary)
+
+
+def _print_result(console: Console, summary: dict[str, Any]) -> None:
+    run_dir = Path("runs") / summary["run_id"]
+    best = summary.get("best_round")
+    t = summary["timings"]
+    console.print(
+        f"[bold green]completed[/] {summary['rounds_completed']} rounds in "
+        f"{t['total_seconds']:.1f} s (training {t['training_seconds']:.1f} s, "
+        f"{t['round_mean_seconds'] or 0:.1f} s per round)"
+    )
+    if best:
+        m = best["metrics"]
+        console.print(
+            f"best round {best['round']}: accuracy {m['accuracy']:.1%}, F1 {m['f1']:.3f}, "
+            f"loss {m['loss']:.3f} → {run_dir / best['model']}"
+        )
+    served = ", ".join(f"{p['name']} on {p['vm']}" for p in summary["participants"])
+    console.print(f"served by: {served}")
+    console.print(f"summary: {run_dir / 'summary.json'}")

@@ -1,0 +1,67 @@
+"""Throw-away project directories for the tests and benchmarks.
+
+A scratch project has its own Pulumi.yaml, stack file and state, links the real
+Flower app (fl/), and uses ports the OS reports free, so it never touches the
+working copy's `.fedfleet/` or `runs/` and can run beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct ports nothing listens on right now (the OS picks them)."""
+    sockets, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+def local_config(vms_per_participant: int = 2, ports: list[int] | None = None) -> dict[str, Any]:
+    """The shipped local stack's `config:` with fresh ports (and VM names -1, -2, ...)."""
+    shipped = YAML(typ="safe").load((REPO / "stacks" / "Pulumi.local.yaml").read_text())["config"]
+    config = copy.deepcopy(shipped)
+    participants = config["fedfleet:participants"]
+    ports = ports or free_ports(1 + len(participants) * vms_per_participant)
+    config["fedfleet:aggregator"]["port"] = ports[0]
+    rest = iter(ports[1:])
+    for participant in participants:
+        first = participant["vms"][0]
+        stem = first["name"].rsplit("-", 1)[0]
+        participant["vms"] = [
+            {**first, "name": f"{stem}-{j + 1}", "port": next(rest)} for j in range(vms_per_participant)
+        ]
+    config["fedfleet:local"] = {"root": ".fedfleet/{stack}"}
+    return config
+
+
+def scratch_project(
+    directory: Path, config: dict[str, Any] | None = None, stack: str = "local", raw: str | None = None
+) -> Path:
+    """Write a project into `directory`: Pulumi.yaml, fl/ (a link), stacks/Pulumi.<stack>.yaml."""
+    (directory / "stacks").mkdir(parents=True, exist_ok=True)
+    (directory / "Pulumi.yaml").write_text((REPO / "Pulumi.yaml").read_text())
+    if not (directory / "fl").exists():
+        (directory / "fl").symlink_to(REPO / "fl")
+    path = directory / "stacks" / f"Pulumi.{stack}.yaml"
+    if raw is not None:
+        path.write_text(raw)
+    else:
+        with path.open("w") as fh:
+            YAML().dump({"config": config if config is not None else local_config()}, fh)
+    return directory

@@ -1,0 +1,404 @@
+"""Stack files (`stacks/Pulumi.<stack>.yaml`) read into frozen, validated objects.
+
+Pure logic: no Pulumi, no Flower. The Pulumi program and the local stack read
+the same schema through `parse_stack`; every error names the file, the key as
+the user spelled it (`fedfleet:participants[1].vms[0].port`) and the fix.
+
+Schema (keys under `config:`, project `fedfleet`; see Pulumi.yaml for every key):
+
+    fedfleet:aggregator     {cloud, region, instanceType, port}
+    fedfleet:participants   [{name, cloud, region, location, dataPath, vms: [{name,
+                              vcpu, memoryGib, diskGib, port}]}]
+    fedfleet:data           {demo: {partition, alpha, seed}}   (omit demo for real data)
+    fedfleet:app            the Flower app's run config (fl/fedfleet_app/settings.py)
+    fedfleet:local          {root, host, warmWorkers}         (local stack only)
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedfleet_app.settings import AppSettings, SettingsError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from .errors import ConfigError
+
+PROJECT = "fedfleet"
+CLOUDS = ("aws", "gcp", "azure")
+LOCAL = "local"
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
+TOP_KEYS = ("aggregator", "participants", "data", "app", "local")
+PARTITIONS = ("iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a silo or region is: a cloud region, or a latitude/longitude."""
+
+    cloud: str | None = None
+    region: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+
+    def describe(self) -> str:
+        if self.cloud:
+            return f"{self.cloud}:{self.region}"
+        return f"{self.lat:.2f},{self.lon:.2f}"
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    name: str
+    vcpu: int
+    memory_gib: float
+    disk_gib: int
+    port: int | None = None  # local stack: the SuperNode's runtime API port
+
+
+@dataclass(frozen=True)
+class Participant:
+    name: str
+    cloud: str
+    region: str
+    location: Location
+    data_path: str
+    vms: tuple[VMSpec, ...]
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    cloud: str
+    region: str
+    instance_type: str
+    port: int
+
+
+@dataclass(frozen=True)
+class DemoData:
+    partition: str = "dirichlet"
+    alpha: float = 1.0
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    root: str = ".fedfleet/{stack}"
+    host: str = "127.0.0.1"
+    warm_workers: bool = True
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    name: str
+    path: Path
+    aggregator: Aggregator
+    participants: tuple[Participant, ...]
+    app: AppSettings
+    demo: DemoData | None
+    local: LocalSettings = field(default_factory=LocalSettings)
+
+    @property
+    def is_local(self) -> bool:
+        return self.aggregator.cloud == LOCAL
+
+    def participant(self, name: str) -> Participant:
+        for p in self.participants:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def stack_path(project_dir: Path, stack: str) -> Path:
+    return project_dir / "stacks" / f"Pulumi.{stack}.yaml"
+
+
+def available_stacks(project_dir: Path) -> list[str]:
+    return sorted(
+        p.name[len("Pulumi.") : -len(".yaml")] for p in (project_dir / "stacks").glob("Pulumi.*.yaml")
+    )
+
+
+def load_stack(project_dir: Path, stack: str) -> StackConfig:
+    """Read and validate `stacks/Pulumi.<stack>.yaml`."""
+    path = stack_path(project_dir, stack)
+    if not path.exists():
+        known = available_stacks(project_dir)
+        raise ConfigError(
+            f"{path}: no such stack file. Stacks here: {', '.join(known) or 'none'}; "
+            f"pass --stack with one of them or create {path.name} under stacks/"
+        )
+    try:
+        document = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+    except YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read: {err}") from err
+    if not isinstance(document, Mapping) or not isinstance(document.get("config"), Mapping):
+        raise ConfigError(
+            f"{path}: expected a Pulumi stack file with a top-level 'config:' mapping "
+            f"(keys like '{PROJECT}:participants')"
+        )
+    return parse_stack(stack, path, document["config"])
+
+
+def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfig:
+    """Validate a stack's `config:` mapping (keys `fedfleet:<name>`)."""
+    values: dict[str, Any] = {}
+    for key, value in config.items():
+        project, _, name = str(key).partition(":")
+        if project != PROJECT:
+            continue  # other projects' and providers' keys (aws:region, ...) are Pulumi's
+        if name not in TOP_KEYS:
+            raise ConfigError(f"{path}: {key}: unknown key{_suggest(name, TOP_KEYS, PROJECT + ':')}")
+        values[name] = value
+    r = _Reader(path, f"{PROJECT}:", values)
+    aggregator = _aggregator(r.child("aggregator"))
+    participants = _participants(r.child("participants"), local=aggregator.cloud == LOCAL)
+    demo = _demo(r.child("data"))
+    app = _app(r.child("app", default={}), len(participants), demo)
+    local = _local(r.child("local", default={}), aggregator)
+    _check_ports(path, aggregator, participants)
+    return StackConfig(stack, path, aggregator, participants, app, demo, local)
+
+
+class _Reader:
+    """A mapping or list in the stack file, with the path to it for error messages."""
+
+    def __init__(self, path: Path, key: str, value: Any) -> None:
+        self.path, self.key, self.value = path, key, value
+
+    def fail(self, problem: str, key: str | None = None) -> ConfigError:
+        return ConfigError(f"{self.path}: {key or self.key}: {problem}")
+
+    def _join(self, name: str) -> str:
+        return f"{self.key}{name}" if self.key.endswith(":") else f"{self.key}.{name}"
+
+    def child(self, name: str, default: Any = ...) -> _Reader:
+        if not isinstance(self.value, Mapping):
+            raise self.fail(f"must be a mapping (got {type(self.value).__name__})")
+        if name not in self.value:
+            if default is ...:
+                raise self.fail("is required but missing", self._join(name))
+            return _Reader(self.path, self._join(name), default)
+        return _Reader(self.path, self._join(name), self.value[name])
+
+    def items(self) -> list[_Reader]:
+        if not isinstance(self.value, list):
+            raise self.fail(f"must be a list (got {type(self.value).__name__})")
+        return [_Reader(self.path, f"{self.key}[{i}]", v) for i, v in enumerate(self.value)]
+
+    def only(self, allowed: Sequence[str]) -> None:
+        if not isinstance(self.value, Mapping):
+            raise self.fail(f"must be a mapping (got {type(self.value).__name__})")
+        for name in self.value:
+            if name not in allowed:
+                raise self.fail(f"unknown key{_suggest(str(name), allowed)}", self._join(str(name)))
+
+    def str(self, name: str, default: Any = ...) -> str:
+        node = self.child(name, default)
+        if not isinstance(node.value, str) or not node.value.strip():
+            raise node.fail(f"must be a non-empty string (got {node.value!r})")
+        return node.value
+
+    def choice(self, name: str, options: Sequence[str], default: Any = ...) -> str:
+        node = self.child(name, default)
+        if node.value not in options:
+            raise node.fail(f"must be one of {', '.join(options)} (got {node.value!r})")
+        return str(node.value)
+
+    def num(self, name: str, low: float, high: float, default: Any = ..., whole: bool = False) -> Any:
+        node = self.child(name, default)
+        v = node.value
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if ok and whole and isinstance(v, float):
+            ok = v.is_integer()
+        if not ok or not low <= v <= high:
+            kind = "a whole number" if whole else "a number"
+            raise node.fail(f"must be {kind} in {low:g}..{high:g} (got {v!r})")
+        return int(v) if whole else float(v)
+
+
+def _suggest(name: str, options: Iterable[str], prefix: str = "") -> str:
+    options = list(options)
+    close = difflib.get_close_matches(name, options, n=1)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; known keys: {', '.join(prefix + o for o in options)}"
+
+
+def _name(r: _Reader, field_name: str = "name") -> str:
+    value = r.str(field_name)
+    if not NAME_RE.match(value):
+        raise r.child(field_name).fail(
+            f"{value!r} must be 2-40 characters of lowercase letters, digits and '-', "
+            "starting with a letter (it becomes part of host names and resource names)"
+        )
+    return value
+
+
+def _aggregator(r: _Reader) -> Aggregator:
+    r.only(("cloud", "region", "instanceType", "port"))
+    cloud = r.choice("cloud", (LOCAL, *CLOUDS))
+    return Aggregator(
+        cloud=cloud,
+        region=r.str("region", LOCAL if cloud == LOCAL else ...),
+        instance_type=r.str("instanceType", LOCAL if cloud == LOCAL else ...),
+        port=r.num("port", 1024, 65535, 9443, whole=True),
+    )
+
+
+def _location(r: _Reader) -> Location:
+    r.only(("cloud", "region", "lat", "lon"))
+    has_region = "cloud" in r.value or "region" in r.value
+    has_coords = "lat" in r.value or "lon" in r.value
+    if has_region == has_coords:
+        raise r.fail("give either {cloud, region} or {lat, lon}")
+    if has_region:
+        return Location(cloud=r.choice("cloud", CLOUDS), region=r.str("region"))
+    return Location(lat=r.num("lat", -90, 90), lon=r.num("lon", -180, 180))
+
+
+def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
+    items = r.items()
+    if len(items) < 2:
+        raise r.fail(f"federated learning needs at least two participants (got {len(items)})")
+    participants: list[Participant] = []
+    seen_vms: dict[str, str] = {}
+    for item in items:
+        item.only(("name", "cloud", "region", "location", "dataPath", "vms"))
+        name = _name(item)
+        if any(p.name == name for p in participants):
+            raise item.child("name").fail(f"participant name {name!r} is used twice")
+        cloud = item.choice("cloud", (LOCAL,) if local else CLOUDS)
+        region = item.str("region")
+        if "location" in item.value:
+            location = _location(item.child("location"))
+        elif cloud == LOCAL:
+            raise item.fail("a local participant needs a location: {cloud, region} or {lat, lon}")
+        else:
+            location = Location(cloud=cloud, region=region)
+        vms: list[VMSpec] = []
+        vm_items = item.child("vms").items()
+        if not vm_items:
+            raise item.child("vms").fail(f"participant {name!r} has no VMs; list at least one")
+        for vm in vm_items:
+            vm.only(("name", "vcpu", "memoryGib", "diskGib", "port"))
+            vm_name = _name(vm)
+            if vm_name in seen_vms:
+                raise vm.child("name").fail(
+                    f"VM name {vm_name!r} is already used by {seen_vms[vm_name]}; "
+                    "VM names are unique per stack"
+                )
+            seen_vms[vm_name] = vm.key
+            vms.append(
+                VMSpec(
+                    name=vm_name,
+                    vcpu=vm.num("vcpu", 1, 512, whole=True),
+                    memory_gib=vm.num("memoryGib", 0.5, 4096),
+                    disk_gib=vm.num("diskGib", 1, 65536, 20, whole=True),
+                    port=vm.num("port", 1024, 65535, whole=True) if local else None,
+                )
+            )
+        participants.append(
+            Participant(
+                name=name,
+                cloud=cloud,
+                region=region,
+                location=location,
+                data_path=item.str("dataPath", f"sites/{name}/data"),
+                vms=tuple(vms),
+            )
+        )
+    return tuple(participants)
+
+
+def _demo(r: _Reader) -> DemoData | None:
+    r.only(("demo",))
+    if "demo" not in r.value:
+        return None
+    d = r.child("demo")
+    if d.value is True:
+        return DemoData()
+    d.only(("partition", "alpha", "seed"))
+    return DemoData(
+        partition=d.choice("partition", PARTITIONS, "dirichlet"),
+        alpha=d.num("alpha", 0.01, 1000, 1.0),
+        seed=d.num("seed", 0, 2**31 - 1, 42, whole=True),
+    )
+
+
+def _app(r: _Reader, num_participants: int, demo: DemoData | None) -> AppSettings:
+    if not isinstance(r.value, Mapping):
+        raise r.fail(f"must be a mapping (got {type(r.value).__name__})")
+    values = dict(r.value)
+    for key in ("output-dir", "simulation-data-root"):
+        if key in values:
+            raise r.fail("is set by fedfleet for each run; remove it", f"{r.key}.{key}")
+    if demo is not None:
+        for key in ("classes", "image-size", "channels"):
+            if key in values:
+                raise r.fail(
+                    "is fixed by the demo dataset (8x8 grayscale digits, classes 0-9); "
+                    "remove it, or remove data.demo to train on your own data",
+                    f"{r.key}.{key}",
+                )
+    elif "classes" not in values:
+        raise r.fail(
+            "is required with your own data: list the class names, which are also the "
+            "class folder names of image-folder data (e.g. [Covid, Normal, Viral Pneumonia])",
+            f"{r.key}.classes",
+        )
+    values.setdefault("min-participants", num_participants)
+    try:
+        app = AppSettings.from_run_config(values, strict=True)
+    except SettingsError as err:
+        raise r.fail(err.problem, f"{r.key}.{err.key}") from err
+    if app.min_participants > num_participants:
+        raise r.fail(
+            f"is {app.min_participants} but the stack has {num_participants} participants",
+            f"{r.key}.min-participants",
+        )
+    return app
+
+
+def _local(r: _Reader, aggregator: Aggregator) -> LocalSettings:
+    r.only(("root", "host", "warmWorkers"))
+    if aggregator.cloud != LOCAL:
+        if r.value:
+            raise r.fail("only applies to stacks whose aggregator.cloud is local")
+        return LocalSettings()
+    host = r.str("host", "127.0.0.1")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError as err:
+        raise r.child("host").fail(f"{host!r} is not an IP address") from err
+    if not ip.is_loopback:
+        raise r.child("host").fail(
+            f"{host} is not a loopback address; the local stack listens only on this machine (use 127.0.0.1)"
+        )
+    warm = r.child("warmWorkers", True)
+    if not isinstance(warm.value, bool):
+        raise warm.fail(f"must be true or false (got {warm.value!r})")
+    return LocalSettings(root=r.str("root", LocalSettings.root), host=host, warm_workers=warm.value)
+
+
+def _check_ports(path: Path, aggregator: Aggregator, participants: Sequence[Participant]) -> None:
+    if aggregator.cloud != LOCAL:
+        return
+    used = {aggregator.port: f"{PROJECT}:aggregator.port"}
+    for i, p in enumerate(participants):
+        for j, vm in enumerate(p.vms):
+            key = f"{PROJECT}:participants[{i}].vms[{j}].port"
+            if vm.port in used:
+                raise ConfigError(
+                    f"{path}: {key}: port {vm.port} is already used by {used[vm.port]}; "
+                    "every local VM needs its own port"
+                )
+            used[vm.port] = key  # type: ignore[index]

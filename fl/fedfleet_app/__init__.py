@@ -1,0 +1,1 @@
+"""fedfleet's Flower app: model, data, ClientApp and ServerApp."""

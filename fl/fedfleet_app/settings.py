@@ -1,0 +1,198 @@
+"""The app's run config, typed: read once from Flower's run config, written by fedfleet.
+
+Pure Python (no Flower, no torch) so the fedfleet CLI validates a stack's training
+settings with the same definitions the ServerApp and ClientApp read at run time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .data import DataSpec
+
+# Flower's shipped message-API strategies (flwr.serverapp.strategy) that work with
+# any model, and the keyword arguments of each that a stack may set.
+STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedprox": ("proximal_mu",),
+    "fedavgm": ("server_learning_rate", "server_momentum"),
+    "fedadam": ("eta", "eta_l", "beta_1", "beta_2", "tau"),
+    "fedyogi": ("eta", "eta_l", "beta_1", "beta_2", "tau"),
+    "fedadagrad": ("eta", "eta_l", "tau"),
+    "fedmedian": (),
+    "fedtrimmedavg": ("beta",),
+    "krum": ("num_malicious_nodes",),
+}
+
+# "with-train": each train message first evaluates the model it received (the
+#   previous round's global model) on the site's held-out split, so a round costs
+#   one Flower phase instead of two; one evaluate phase follows the last round.
+# "separate": Flower's usual train phase then evaluate phase in every round.
+EVALUATION_MODES = ("with-train", "separate")
+
+# Records in reply messages beside the one ArrayRecord and one MetricRecord that
+# Flower's strategies aggregate (their consistency checks ignore ConfigRecords).
+EVAL_RECORD = "received-model-evaluation"
+SITE_RECORD = "site"
+EVAL_METRICS = ("loss", "accuracy", "f1", "precision", "recall")
+
+
+class SettingsError(ValueError):
+    """A run-config value is invalid; the message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key} {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    num_server_rounds: int = 3
+    strategy: str = "fedavg"
+    strategy_options: dict[str, float] = field(default_factory=dict)
+    local_epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    classes: tuple[str, ...] = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
+    image_size: int = 8
+    channels: int = 1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    model_seed: int = 0
+    evaluation: str = "with-train"
+    min_participants: int = 2
+    round_timeout: float = 300.0
+    node_wait_timeout: float = 120.0
+    output_dir: str = ""
+    # Under Flower's simulation engine a node's config holds only partition-id:
+    # its data is then read from <simulation-data-root>/<partition-id>.
+    simulation_data_root: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "at least 1")
+        _check(
+            self.strategy in STRATEGY_OPTIONS,
+            "strategy",
+            self.strategy,
+            f"one of {', '.join(STRATEGY_OPTIONS)}",
+        )
+        allowed = STRATEGY_OPTIONS.get(self.strategy, ())
+        for key, value in self.strategy_options.items():
+            _check(
+                key in allowed,
+                f"strategy-options.{key}",
+                value,
+                f"an option of {self.strategy}: {', '.join(allowed) or '(it takes none)'}",
+            )
+            _check(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                f"strategy-options.{key}",
+                value,
+                "a number",
+            )
+        _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "at least 1")
+        _check(self.batch_size >= 1, "batch-size", self.batch_size, "at least 1")
+        _check(0 < self.learning_rate <= 10, "learning-rate", self.learning_rate, "in (0, 10]")
+        _check(len(self.classes) >= 2, "classes", list(self.classes), "at least two class names")
+        _check(
+            len(set(self.classes)) == len(self.classes),
+            "classes",
+            list(self.classes),
+            "distinct class names",
+        )
+        _check(2 <= self.image_size <= 1024, "image-size", self.image_size, "in 2..1024")
+        _check(self.channels in (1, 3), "channels", self.channels, "1 (grayscale) or 3 (RGB)")
+        _check(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "in (0, 1)")
+        _check(
+            self.evaluation in EVALUATION_MODES,
+            "evaluation",
+            self.evaluation,
+            f"one of {', '.join(EVALUATION_MODES)}",
+        )
+        _check(self.min_participants >= 1, "min-participants", self.min_participants, "at least 1")
+        _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "positive seconds")
+        _check(self.node_wait_timeout > 0, "node-wait-timeout", self.node_wait_timeout, "positive seconds")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            classes=self.classes,
+            image_size=self.image_size,
+            channels=self.channels,
+            test_fraction=self.test_fraction,
+            seed=self.split_seed,
+        )
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flower run config (kebab-case keys, TOML scalars)."""
+        out: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if key == "strategy_options":
+                out["strategy-options"] = json.dumps(value, sort_keys=True)
+            elif key == "classes":
+                out["classes"] = json.dumps(list(value))
+            else:
+                out[key.replace("_", "-")] = value
+        return out
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(name.replace("_", "-") for name in asdict(cls()))
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], *, strict: bool = False) -> AppSettings:
+        """Build from kebab-case keys; with `strict`, unknown keys are an error."""
+        known = cls.keys()
+        if strict:
+            for key in run_config:
+                if key not in known:
+                    close = difflib.get_close_matches(str(key), known, n=1)
+                    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+                    raise SettingsError(str(key), f"is not a setting of the app ({hint})")
+        kwargs: dict[str, Any] = {}
+        for name, default in asdict(cls()).items():
+            key = name.replace("_", "-")
+            if key in run_config:
+                kwargs[name] = _convert(key, run_config[key], default)
+        return cls(**kwargs)
+
+
+def _convert(key: str, value: Any, default: Any) -> Any:
+    try:
+        if isinstance(default, dict | tuple):
+            if isinstance(value, str):
+                value = json.loads(value)
+            if isinstance(default, dict):
+                if not isinstance(value, dict):
+                    raise TypeError("a mapping")
+                return dict(value)
+            if not isinstance(value, list | tuple):
+                raise TypeError("a list")
+            return tuple(str(v) for v in value)
+        if isinstance(value, bool):
+            raise TypeError(type(default).__name__)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError("a whole number")
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        expected = {int: "a whole number", float: "a number", str: "a string"}.get(type(default), str(err))
+        raise SettingsError(key, f"must be {expected} (got {value!r})") from err
+
+
+def _check(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        raise SettingsError(key, f"must be {expected} (got {value!r})")

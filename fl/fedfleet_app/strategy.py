@@ -1,0 +1,151 @@
+"""Strategy construction and a recording wrapper around any shipped Flower strategy.
+
+`RecordedStrategy` delegates every decision (sampling, aggregation) to the inner
+strategy and adds three things: per-round events for fedfleet's progress display
+and summary, evaluation folded into the train phase ("with-train" mode), and a
+minimum number of valid replies per round so a run fails loudly instead of
+silently keeping an unchanged model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy import Strategy
+
+from .settings import EVAL_METRICS, EVAL_RECORD, SITE_RECORD, STRATEGY_OPTIONS, AppSettings
+
+STRATEGY_CLASSES: dict[str, type[Strategy]] = {
+    "fedavg": flwr_strategy.FedAvg,
+    "fedprox": flwr_strategy.FedProx,
+    "fedavgm": flwr_strategy.FedAvgM,
+    "fedadam": flwr_strategy.FedAdam,
+    "fedyogi": flwr_strategy.FedYogi,
+    "fedadagrad": flwr_strategy.FedAdagrad,
+    "fedmedian": flwr_strategy.FedMedian,
+    "fedtrimmedavg": flwr_strategy.FedTrimmedAvg,
+    "krum": flwr_strategy.Krum,
+}
+assert set(STRATEGY_CLASSES) == set(STRATEGY_OPTIONS)
+
+
+Emit = Callable[..., None]
+
+
+class RoundFailed(RuntimeError):
+    """Too few participants replied to a round."""
+
+
+def build_strategy(settings: AppSettings) -> Strategy:
+    """The configured Flower strategy, every participant sampled in every round."""
+    return STRATEGY_CLASSES[settings.strategy](
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=settings.min_participants,
+        min_evaluate_nodes=settings.min_participants,
+        min_available_nodes=settings.min_participants,
+        **settings.strategy_options,
+    )
+
+
+class RecordedStrategy(Strategy):
+    def __init__(self, inner: Strategy, settings: AppSettings, emit: Emit) -> None:
+        self.inner = inner
+        self.settings = settings
+        self.emit = emit
+        self.with_train = settings.evaluation == "with-train"
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # Round 1 always evaluates the initial model it receives: that is round 0's score.
+        config["evaluate-received"] = self.with_train or server_round == 1
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.emit("round-start", round=server_round, nodes=[m.metadata.dst_node_id for m in messages])
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = self._check_replies("train", server_round, list(replies))
+        if any(EVAL_RECORD in m.content.config_records for m in valid):
+            self._record_evaluation(server_round - 1, valid, from_train=True)
+        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        self.emit(
+            "train-done",
+            round=server_round,
+            metrics=dict(metrics or {}),
+            sites=[{**_site(m), **_metrics(m)} for m in valid],
+        )
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.with_train and server_round < self.settings.num_server_rounds:
+            return []  # this round's model is evaluated by the next train phase
+        self.emit("evaluate-start", round=server_round)
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        if not replies:
+            return None
+        valid = self._check_replies("evaluate", server_round, replies)
+        return self._record_evaluation(server_round, valid, from_train=False)
+
+    def _check_replies(self, phase: str, server_round: int, replies: list[Message]) -> list[Message]:
+        valid = [m for m in replies if not m.has_error()]
+        errors = [
+            {"node": m.metadata.src_node_id, "code": m.error.code, "reason": m.error.reason}
+            for m in replies
+            if m.has_error()
+        ]
+        if errors:
+            self.emit("errors", phase=phase, round=server_round, errors=errors)
+        if len(valid) < self.settings.min_participants:
+            raise RoundFailed(
+                f"round {server_round} {phase}: {len(valid)} valid replies, fewer than "
+                f"min-participants={self.settings.min_participants}"
+                + "".join(f"; node {e['node']}: {e['reason']}" for e in errors)
+            )
+        return valid
+
+    def _record_evaluation(
+        self, model_round: int, replies: list[Message], *, from_train: bool
+    ) -> MetricRecord:
+        """Aggregate per-site evaluation metrics weighted by held-out examples."""
+        sites = [
+            {**_site(m), **(dict(m.content.config_records[EVAL_RECORD]) if from_train else _metrics(m))}
+            for m in replies
+        ]
+        total = sum(float(s["num-examples"]) for s in sites)
+        aggregated = MetricRecord(
+            {k: sum(float(s[k]) * float(s["num-examples"]) for s in sites) / total for k in EVAL_METRICS}
+        )
+        self.emit("evaluated", round=model_round, metrics=dict(aggregated), sites=sites)
+        return aggregated
+
+
+def _metrics(message: Message) -> dict[str, Any]:
+    return dict(next(iter(message.content.metric_records.values())))
+
+
+def _site(message: Message) -> dict[str, Any]:
+    site = message.content.config_records.get(SITE_RECORD, ConfigRecord())
+    return {"node": message.metadata.src_node_id, **dict(site)}
+
+
+def timed_emitter(write: Callable[[dict[str, Any]], None]) -> Emit:
+    def emit(event: str, **fields: Any) -> None:
+        write({"event": event, "time": time.time(), **fields})
+
+    return emit

@@ -1,0 +1,120 @@
+"""End to end through real Flower processes: flower-superlink, flower-supernode, flwr run.
+
+Each test uses its own project directory, stack and free ports, and checks that
+no process whose command line mentions that directory is left when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fedfleet_app.task import build_model
+
+from .conftest import running_processes_mentioning
+from .test_cli_errors import earlier_run
+
+pytestmark = pytest.mark.e2e
+
+
+def start_run(project: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedfleet", "--project", str(project), "run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen[str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"fedfleet exited ({proc.returncode}) before {what}: {proc.stderr.read()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def server_events(project: Path) -> list[dict]:
+    found = sorted((project / ".fedfleet" / "local" / "aggregator" / "runs").glob("*/events.jsonl"))
+    if not found:
+        return []
+    return [json.loads(line) for line in found[-1].read_text().splitlines() if line.strip()]
+
+
+def test_two_rounds_three_participants(make_project):
+    project = make_project()
+    proc = start_run(project, "--rounds", "2", "--json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    run_dir = project / "runs" / summary["run_id"]
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    rounds = {r["round"]: r for r in summary["rounds"]}
+    assert set(rounds) == {0, 1, 2}
+    assert rounds[2]["metrics"]["accuracy"] > rounds[0]["metrics"]["accuracy"]
+    for r in rounds.values():
+        assert set(r["metrics"]) == {"loss", "accuracy", "f1", "precision", "recall"}
+    # One SuperNode per participant, on one of its own VMs, all computing on the VM's worker.
+    served = {p["name"]: p["vm"] for p in summary["participants"]}
+    assert served == {"hospital-us": "us-vm-1", "hospital-asia": "asia-vm-1", "hospital-eu": "eu-vm-1"}
+    for r in (1, 2):
+        sites = rounds[r]["sites"]["train"]
+        assert sorted(s["participant"] for s in sites) == sorted(served)
+        assert {s["compute"] for s in sites} == {"worker"}
+    # Every round's global model is saved and loads into the network.
+    for r in (0, 1, 2):
+        state = torch.load(run_dir / rounds[r]["model"], weights_only=True)
+        build_model(1, 10).load_state_dict(state)
+    assert summary["best_round"]["round"] in (1, 2)
+    assert (
+        summary["timings"]["round_mean_seconds"] > summary["timings"]["round_mean_client_compute_seconds"] > 0
+    )
+    assert running_processes_mentioning(str(project)) == []
+
+
+def test_failed_run_stops_everything_and_keeps_earlier_results(make_project):
+    project = make_project()
+    before = earlier_run(project)
+    proc = start_run(project, "--rounds", "3")
+    pidfile = project / ".fedfleet" / "local" / "pids.json"
+    # Once training has started, kill one participant's SuperNode from outside.
+    wait_until(lambda: any(e["event"] == "round-start" for e in server_events(project)), 240, "round 1", proc)
+    entries = json.loads(pidfile.read_text())
+    victim = next(e for e in entries if e["name"].startswith("supernode asia-vm-1"))
+    import os
+
+    os.killpg(victim["pgid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err
+    assert "supernode asia-vm-1 (hospital-asia) exited" in err
+    assert running_processes_mentioning(str(project)) == []
+    run, content = before
+    assert (run / "summary.json").read_bytes() == content
+    failed = [p for p in (project / "runs").iterdir() if p != run]
+    assert len(failed) == 1
+    summary = json.loads((failed[0] / "summary.json").read_text())
+    assert summary["status"] == "failed" and "asia-vm-1" in summary["error"]
+
+
+def test_ctrl_c_stops_everything(make_project):
+    project = make_project()
+    proc = start_run(project, "--rounds", "3")
+    wait_until(
+        lambda: any(e["event"] == "started" for e in server_events(project)), 240, "the ServerApp", proc
+    )
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert running_processes_mentioning(str(project)) == []
+    (run,) = (project / "runs").iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"

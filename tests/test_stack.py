@@ -1,0 +1,157 @@
+"""Stack files: the shipped ones load; bad ones fail naming file, key and fix."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from fedfleet.errors import ConfigError
+from fedfleet.sandbox import REPO, local_config
+from fedfleet.stack import available_stacks, load_stack
+
+
+def test_shipped_local_stack_is_valid():
+    stack = load_stack(REPO, "local")
+    assert stack.is_local
+    assert [p.name for p in stack.participants] == ["hospital-us", "hospital-asia", "hospital-eu"]
+    assert {p.location.cloud for p in stack.participants} == {"aws", "gcp", "azure"}
+    assert all(len(p.vms) >= 2 for p in stack.participants)
+    assert stack.app.min_participants == 3
+    assert stack.demo is not None
+
+
+def _config() -> dict:
+    return local_config()
+
+
+def _expect(make_project, config: dict, match: str) -> None:
+    project = make_project(config)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_stack(project, "local")
+    assert "Pulumi.local.yaml" in str(info.value)
+
+
+def test_missing_stack_file_lists_the_stacks(make_project):
+    project = make_project()
+    with pytest.raises(ConfigError, match=r"Pulumi\.prod\.yaml: no such stack file\. Stacks here: local"):
+        load_stack(project, "prod")
+    assert available_stacks(project) == ["local"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ("config: [unclosed", "not valid YAML"),
+        ("just a string\n", "expected a Pulumi stack file with a top-level 'config:' mapping"),
+        (
+            "config:\n  fedfleet:aggregator: {cloud: local}\n",
+            r"fedfleet:participants: is required but missing",
+        ),
+    ],
+)
+def test_malformed_stack_files(make_project, raw: str, match: str):
+    project = make_project(raw=raw)
+    with pytest.raises(ConfigError, match=match):
+        load_stack(project, "local")
+
+
+def test_unknown_top_key_suggests_the_closest(make_project):
+    config = _config()
+    config["fedfleet:participant"] = config.pop("fedfleet:participants")
+    _expect(
+        make_project, config, r"fedfleet:participant: unknown key; did you mean 'fedfleet:participants'\?"
+    )
+
+
+def test_other_projects_keys_are_left_to_pulumi(make_project):
+    config = _config()
+    config["aws:region"] = "us-east-1"
+    assert load_stack(make_project(config), "local").name == "local"
+
+
+def test_unknown_strategy_lists_the_choices(make_project):
+    config = _config()
+    config["fedfleet:app"]["strategy"] = "fedsgd"
+    _expect(
+        make_project, config, r"fedfleet:app\.strategy: must be one of fedavg, fedprox, .*\(got 'fedsgd'\)"
+    )
+
+
+def test_duplicate_port_names_both_keys(make_project):
+    config = _config()
+    config["fedfleet:participants"][1]["vms"][0]["port"] = config["fedfleet:aggregator"]["port"]
+    _expect(
+        make_project,
+        config,
+        r"fedfleet:participants\[1\]\.vms\[0\]\.port: port \d+ is already used by fedfleet:aggregator\.port",
+    )
+
+
+def test_duplicate_vm_names(make_project):
+    config = _config()
+    config["fedfleet:participants"][2]["vms"][1]["name"] = config["fedfleet:participants"][0]["vms"][0][
+        "name"
+    ]
+    _expect(make_project, config, r"participants\[2\]\.vms\[1\]\.name: VM name .* is already used by")
+
+
+def test_participant_without_vms(make_project):
+    config = _config()
+    config["fedfleet:participants"][0]["vms"] = []
+    _expect(make_project, config, r"participants\[0\]\.vms: participant 'hospital-us' has no VMs")
+
+
+def test_vm_key_typo(make_project):
+    config = _config()
+    config["fedfleet:participants"][0]["vms"][0]["memoryGB"] = 4
+    _expect(make_project, config, r"vms\[0\]\.memoryGB: unknown key; did you mean 'memoryGib'\?")
+
+
+def test_bad_types_and_ranges(make_project):
+    config = _config()
+    config["fedfleet:participants"][0]["vms"][0]["vcpu"] = "two"
+    _expect(make_project, config, r"vms\[0\]\.vcpu: must be a whole number in 1\.\.512 \(got 'two'\)")
+    config = _config()
+    config["fedfleet:aggregator"]["port"] = 80
+    _expect(make_project, config, r"fedfleet:aggregator\.port: must be a whole number in 1024\.\.65535")
+
+
+def test_own_data_needs_classes(make_project):
+    config = _config()
+    del config["fedfleet:data"]["demo"]
+    _expect(make_project, config, r"fedfleet:app\.classes: is required with your own data")
+    config["fedfleet:app"]["classes"] = ["Covid", "Normal", "Viral Pneumonia"]
+    config["fedfleet:app"]["image-size"] = 64
+    stack = load_stack(make_project(config), "local")
+    assert stack.demo is None and stack.app.classes == ("Covid", "Normal", "Viral Pneumonia")
+
+
+def test_demo_fixes_the_image_shape(make_project):
+    config = _config()
+    config["fedfleet:app"]["image-size"] = 32
+    _expect(make_project, config, r"fedfleet:app\.image-size: is fixed by the demo dataset")
+
+
+def test_local_stack_listens_on_loopback_only(make_project):
+    config = _config()
+    config["fedfleet:local"]["host"] = "0.0.0.0"
+    _expect(make_project, config, r"fedfleet:local\.host: 0\.0\.0\.0 is not a loopback address")
+
+
+def test_min_participants_cannot_exceed_participants(make_project):
+    config = _config()
+    config["fedfleet:app"]["min-participants"] = 4
+    _expect(make_project, config, r"min-participants: is 4 but the stack has 3 participants")
+
+
+def test_participant_location_is_region_or_coordinates(make_project):
+    config = _config()
+    config["fedfleet:participants"][0]["location"] = {"lat": 37.5, "lon": 127.0}
+    stack = load_stack(make_project(config), "local")
+    assert stack.participants[0].location.lat == 37.5
+    config = copy.deepcopy(config)
+    config["fedfleet:participants"][0]["location"] = {"lat": 37.5, "region": "x"}
+    _expect(
+        make_project, config, r"participants\[0\]\.location: give either \{cloud, region\} or \{lat, lon\}"
+    )
