@@ -101,10 +101,7 @@ def simulation(workdir: Path, rounds: int, data_root: str, participants: list[st
         output_dir=str(out),
         simulation_data_root=str(sim_data),
     )
-    run_config = workdir / "run_config.toml"
-    run_config.write_text(
-        "".join(f"{k} = {flower.toml_value(v)}\n" for k, v in settings.to_run_config().items())
-    )
+    run_config = flower.write_run_config(workdir / "run_config.toml", settings.to_run_config())
     started = time.monotonic()
     with ProcessGroup() as procs:
         superlink = procs.start(
@@ -180,6 +177,7 @@ def per_round(lines: list[str], rounds: int) -> dict[str, Any]:
     first_start = min(e["time"] for e in events if e["event"] == "round-start")
     started = next(e["time"] for e in events if e["event"] == "started")
     return {
+        "phase_breakdown_median_seconds": breakdown(events),
         "serverapp_to_first_round_seconds": first_start - started,
         "rounds_seconds": sum(r["seconds"] for r in trained),
         "round_seconds": [round(r["seconds"], 2) for r in trained],
@@ -187,6 +185,39 @@ def per_round(lines: list[str], rounds: int) -> dict[str, Any]:
         "client_compute_mean_seconds": statistics.mean(r["client_compute_seconds"] for r in trained),
         "overhead_mean_seconds": statistics.mean(r["overhead_seconds"] for r in trained),
     }
+
+
+def breakdown(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Where a Flower phase's time goes, from the ServerApp's and ClientApps' clocks.
+
+    push            the ServerApp pushes the messages (and their arrays) to the SuperLink
+    dispatch        messages pushed -> ClientApp process started (SuperNode poll, spawn)
+    clientapp_start process started -> handler entered (Python + Flower imports, pulls)
+    compute         handler entered -> handler returned (worker round trip included)
+    return          the last handler returned -> its reply reached the ServerApp
+    """
+    parts: dict[str, list[float]] = {
+        "push": [],
+        "dispatch": [],
+        "clientapp_start": [],
+        "compute": [],
+        "return": [],
+    }
+    kind = "train"
+    for i, event in enumerate(events):
+        if event["event"] in ("round-start", "evaluate-start"):
+            kind = "train" if event["event"] == "round-start" else "evaluate"
+        if event["event"] != "phase" or not event["arrivals"]:
+            continue
+        wanted = "train-done" if kind == "train" else "evaluated"
+        sites = next(e["sites"] for e in events[i + 1 :] if e["event"] == wanted)
+        parts["push"].append(event["pushed"] - event["started"])
+        for site in sites:
+            parts["dispatch"].append(site["process-started"] - event["pushed"])
+            parts["clientapp_start"].append(site["handler-started"] - site["process-started"])
+            parts["compute"].append(site["handler-finished"] - site["handler-started"])
+        parts["return"].append(max(event["arrivals"]) - max(s["handler-finished"] for s in sites))
+    return {k: round(statistics.median(v), 2) for k, v in parts.items() if v}
 
 
 def main() -> None:
@@ -240,6 +271,14 @@ def main() -> None:
             f"{run['round_mean_seconds']:8.2f} {run['client_compute_mean_seconds']:8.2f} "
             f"{run['overhead_mean_seconds']:7.2f}"
         )
+    print(
+        "median seconds per Flower phase: "
+        + ", ".join(
+            f"{name} " + " / ".join(f"{k} {v}" for k, v in run["phase_breakdown_median_seconds"].items())
+            for name, run in runs.items()
+            if name in ("deployment", "simulation")
+        )
+    )
     r = results["ratios"]
     print(
         f"deployment / simulation: wall x{r['deployment_over_simulation_wall']:.2f}, "

@@ -58,6 +58,12 @@ def toml_value(value: str | int | float | bool) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
+def write_run_config(path: Path, run_config: Mapping[str, str | int | float | bool]) -> Path:
+    """A run-config TOML file for `flwr run --run-config` (flat keys, scalar values)."""
+    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in run_config.items()))
+    return path
+
+
 def superlink_argv(*, host: str, port: int, database: Path, tls: ServerTLS) -> list[str]:
     return [
         tool("flower-superlink"),

@@ -233,10 +233,7 @@ def _train(
                     for vm in chosen.values()
                     for proc in _start_supernode(procs, stack, project_dir, tls.ca_cert, local, vm, run_dir)
                 ]
-                run_config = run_dir / "run_config.toml"
-                run_config.write_text(
-                    "".join(f"{k} = {flower.toml_value(v)}\n" for k, v in settings.to_run_config().items())
-                )
+                run_config = flower.write_run_config(run_dir / "run_config.toml", settings.to_run_config())
                 observer.stage("submit", "flwr run fl/")
                 flower_run_id = cli.run(project_dir / "fl", run_config)
                 summary["flower_run_id"] = flower_run_id

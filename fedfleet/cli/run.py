@@ -86,6 +86,8 @@ class LiveDisplay:
             self.live.update(self._render())
             self.live.stop()
             self.live = None
+            if not self.console.is_terminal:
+                self.console.line()  # Live leaves its last line open when not on a terminal
 
     def close(self) -> None:
         self._stop_live()
