@@ -204,6 +204,12 @@ def _train(
     try:
         with ProcessGroup(local.pidfile) as procs:
             try:
+                # Workers first: importing torch takes them a few seconds of CPU,
+                # best spent while the SuperLink starts.
+                workers = {
+                    vm.name: _start_worker(procs, local, vm, run_dir) if stack.local.warm_workers else {}
+                    for vm in chosen.values()
+                }
                 observer.stage("superlink", address)
                 superlink = procs.start(
                     "superlink",
@@ -228,10 +234,12 @@ def _train(
                 _register(cli, local, chosen)
                 timings.mark("registered")
                 observer.stage("supernodes", ", ".join(f"{p}→{vm.name}" for p, vm in chosen.items()))
-                nodes = [
-                    proc
+                watched = [superlink, *(p for p in procs.procs if p.tier == 1)]
+                watched += [
+                    _start_supernode(
+                        procs, stack, project_dir, tls.ca_cert, local, vm, run_dir, workers[vm.name]
+                    )
                     for vm in chosen.values()
-                    for proc in _start_supernode(procs, stack, project_dir, tls.ca_cert, local, vm, run_dir)
                 ]
                 run_config = flower.write_run_config(run_dir / "run_config.toml", settings.to_run_config())
                 observer.stage("submit", "flwr run fl/")
@@ -239,8 +247,7 @@ def _train(
                 summary["flower_run_id"] = flower_run_id
                 timings.mark("submitted")
                 observer.stage("training", f"{settings.num_server_rounds} rounds")
-                _follow(server_out / "events.jsonl", state, observer, cli, flower_run_id,
-                        [superlink, *nodes], settings)  # fmt: skip
+                _follow(server_out / "events.jsonl", state, observer, cli, flower_run_id, watched, settings)
                 timings.mark("trained")
             except BaseException:
                 observer.stage("stopping", "every process this run started")
@@ -288,6 +295,32 @@ def _register(cli: flower.FlwrCli, local: localstack.LocalPaths, chosen: dict[st
         localstack.remember_registration(local, vm.name, node_id)
 
 
+def _start_worker(procs: ProcessGroup, local: localstack.LocalPaths, vm: VM, run_dir: Path) -> dict[str, str]:
+    """The VM's warm worker (see fl/fedfleet_app/worker.py); returns its node-config keys."""
+    home = local.vm_home(vm.name)
+    socket_path = worker.socket_path_for(home)
+    key_file = home / "worker.key"
+    worker.ensure_key(key_file)
+    argv = [
+        sys.executable,
+        "-m",
+        "fedfleet_app.worker",
+        "--socket",
+        str(socket_path),
+        "--key-file",
+        str(key_file),
+    ]
+    procs.start(
+        f"worker {vm.name} ({vm.participant})",
+        argv,
+        flower.flower_env(home / "flwr-home"),
+        run_dir / "logs" / f"worker-{vm.name}.log",
+        cwd=home,
+        tier=1,
+    )
+    return {"worker-socket": str(socket_path), "worker-key": str(key_file)}
+
+
 def _start_supernode(
     procs: ProcessGroup,
     stack: StackConfig,
@@ -296,39 +329,10 @@ def _start_supernode(
     local: localstack.LocalPaths,
     vm: VM,
     run_dir: Path,
-) -> list[Managed]:
-    """The VM's SuperNode, and its warm worker unless the stack turns them off."""
+    extra_config: dict[str, str],
+) -> Managed:
     home = local.vm_home(vm.name)
-    started: list[Managed] = []
-    node_config: dict[str, str | int | float] = {
-        "data-path": str(localstack.data_path(stack, project_dir, vm.participant)),
-        "participant": vm.participant,
-        "vm": vm.name,
-    }
-    if stack.local.warm_workers:
-        socket_path = worker.socket_path_for(home)
-        key_file = home / "worker.key"
-        worker.ensure_key(key_file)
-        started.append(
-            procs.start(
-                f"worker {vm.name} ({vm.participant})",
-                [
-                    sys.executable,
-                    "-m",
-                    "fedfleet_app.worker",
-                    "--socket",
-                    str(socket_path),
-                    "--key-file",
-                    str(key_file),
-                ],
-                flower.flower_env(home / "flwr-home"),
-                run_dir / "logs" / f"worker-{vm.name}.log",
-                cwd=home,
-                tier=1,
-            )
-        )
-        node_config.update({"worker-socket": str(socket_path), "worker-key": str(key_file)})
-    supernode = procs.start(
+    return procs.start(
         f"supernode {vm.name} ({vm.participant})",
         flower.supernode_argv(
             superlink=f"{stack.local.host}:{stack.aggregator.port}",
@@ -336,14 +340,18 @@ def _start_supernode(
             private_key=local.node_key(vm.name).private,
             host=stack.local.host,
             port=vm.port or 0,
-            node_config=node_config,
+            node_config={
+                "data-path": str(localstack.data_path(stack, project_dir, vm.participant)),
+                "participant": vm.participant,
+                "vm": vm.name,
+                **extra_config,
+            },
         ),
         flower.flower_env(home / "flwr-home", flower.SUPEREXEC_POLL),
         run_dir / "logs" / f"supernode-{vm.name}.log",
         cwd=home,
         tier=1,
     )
-    return [*started, supernode]
 
 
 class _EventTail:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fedfleet_app.task import _sgd_step, build_model, classification_metrics, evaluate, train
+from fedfleet_app.task import (
+    _sgd_step,
+    build_model,
+    classification_metrics,
+    evaluate,
+    load_vector,
+    to_vector,
+    train,
+)
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 
@@ -69,3 +77,15 @@ def test_proximal_term_keeps_weights_near_the_global_model():
             for p, q in zip(net.parameters(), start.parameters(), strict=True)
         )
     assert drift[10.0] < drift[0.0]
+
+
+def test_weight_vector_round_trips_and_checks_its_size():
+    net = build_model(3, 4, seed=5)
+    vector = to_vector(net)
+    assert vector.dtype == np.float32 and vector.ndim == 1
+    assert vector.size == sum(p.numel() for p in net.parameters())
+    other = load_vector(build_model(3, 4, seed=6), vector)
+    for a, b in zip(net.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="must agree on channels, classes and image size"):
+        load_vector(build_model(1, 4), vector)

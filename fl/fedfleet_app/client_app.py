@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from . import worker
-from .settings import EVAL_RECORD, SITE_RECORD, AppSettings
+from .settings import EVAL_RECORD, SITE_RECORD, WEIGHTS, AppSettings
 
 app = ClientApp()
 
@@ -83,8 +83,8 @@ def _site(context: Context, mode: str) -> ConfigRecord:
     )
 
 
-def _weights(msg: Message) -> dict[str, Any]:
-    return {name: array.numpy() for name, array in msg.content["arrays"].items()}
+def _weights(msg: Message) -> Any:
+    return msg.content["arrays"][WEIGHTS].numpy()
 
 
 @app.train()
@@ -107,7 +107,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     site["handler-started"], site["handler-finished"] = started, time.time()
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: Array(v) for k, v in result["weights"].items()}),
+            "arrays": ArrayRecord({WEIGHTS: Array(result["weights"])}),
             "metrics": MetricRecord(result["metrics"]),
             SITE_RECORD: site,
         }

@@ -1,4 +1,4 @@
-"""A site's train and evaluate steps on plain numpy weights (no Flower here).
+"""A site's train and evaluate steps on a plain numpy weight vector (no Flower here).
 
 Called in-process by the ClientApp, or by the VM's warm worker (worker.py),
 which keeps torch imported and the site's data loaded between Flower messages.
@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .data import DataSpec, Split, load_site
 from .settings import AppSettings
-from .task import Net, build_model, evaluate, train
-
-Weights = Mapping[str, np.ndarray]
+from .task import Net, build_model, evaluate, load_vector, to_vector, train
 
 _sites: dict[tuple[str, DataSpec], tuple[tuple[Any, ...], tuple[Split, Split]]] = {}
 
@@ -48,16 +43,14 @@ def site_data(data_path: str, spec: DataSpec) -> tuple[Split, Split]:
     return splits
 
 
-def _model(settings: AppSettings, weights: Weights) -> Net:
-    net = build_model(settings.channels, settings.num_classes)
-    net.load_state_dict(OrderedDict((k, torch.from_numpy(np.asarray(v))) for k, v in weights.items()))
-    return net
+def _model(settings: AppSettings, weights: np.ndarray) -> Net:
+    return load_vector(build_model(settings.channels, settings.num_classes), np.asarray(weights))
 
 
 def run_train(
     data_path: str,
     settings: AppSettings,
-    weights: Weights,
+    weights: np.ndarray,
     *,
     evaluate_received: bool,
     proximal_mu: float,
@@ -85,7 +78,7 @@ def run_train(
         proximal_mu=proximal_mu,
         seed=settings.model_seed + server_round,
     )
-    out["weights"] = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+    out["weights"] = to_vector(net)
     out["metrics"] = {
         "train-loss": result.loss,
         "train-seconds": result.seconds,
@@ -94,7 +87,7 @@ def run_train(
     return out
 
 
-def run_evaluate(data_path: str, settings: AppSettings, weights: Weights) -> dict[str, Any]:
+def run_evaluate(data_path: str, settings: AppSettings, weights: np.ndarray) -> dict[str, Any]:
     _, testset = site_data(data_path, settings.data_spec)
     net = _model(settings, weights)
     started = time.perf_counter()

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from .settings import AppSettings
+from .settings import WEIGHTS, AppSettings
 from .strategy import RecordedStrategy, build_strategy, timed_emitter
-from .task import build_model
+from .task import build_model, load_vector, to_vector
 
 app = ServerApp()
 
@@ -96,6 +96,7 @@ class PromptGrid(Grid):
 
 class Recorder:
     def __init__(self, output_dir: Path, settings: AppSettings) -> None:
+        self.settings = settings
         self.models = output_dir / "models"
         self.models.mkdir(parents=True, exist_ok=True)
         self._events = (output_dir / "events.jsonl").open("a", encoding="utf-8")
@@ -122,7 +123,10 @@ class Recorder:
         """Save the global model after each round (Flower calls this with round 0 first)."""
         path = self.models / f"round-{server_round}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save(arrays.to_torch_state_dict(), tmp)
+        net = load_vector(
+            build_model(self.settings.channels, self.settings.num_classes), arrays[WEIGHTS].numpy()
+        )
+        torch.save(net.state_dict(), tmp)
         tmp.replace(path)
         self.emit("round-end", round=server_round, model=str(path.relative_to(self.models.parent)))
         return None
@@ -159,7 +163,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy = RecordedStrategy(build_strategy(settings), settings, recorder.emit)
         strategy.start(
             grid=prompt_grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
+            initial_arrays=ArrayRecord({WEIGHTS: Array(to_vector(model))}),
             num_rounds=settings.num_server_rounds,
             timeout=settings.round_timeout,
             evaluate_fn=recorder.checkpoint,

@@ -38,6 +38,8 @@ EVALUATION_MODES = ("with-train", "separate")
 # Records in reply messages beside the one ArrayRecord and one MetricRecord that
 # Flower's strategies aggregate (their consistency checks ignore ConfigRecords).
 EVAL_RECORD = "received-model-evaluation"
+# The one Array in a message's ArrayRecord: the model as one vector (task.to_vector).
+WEIGHTS = "weights"
 SITE_RECORD = "site"
 EVAL_METRICS = ("loss", "accuracy", "f1", "precision", "recall")
 
