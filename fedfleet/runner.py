@@ -86,10 +86,10 @@ def run(
     stack = load_stack(project_dir, stack_name)
     if not stack.is_local:
         raise EnvironmentProblem(
-            f"stack {stack_name!r} places its aggregator on {stack.aggregator.cloud}: "
-            "`fedfleet run` drives the local stack only so far. Cloud stacks are provisioned "
-            "with `pulumi up` on a machine with the Pulumi CLI and credentials; this machine "
-            "has neither. Use --stack local"
+            f"stack {stack_name!r} places its aggregator on {stack.aggregator.cloud}: `fedfleet run` "
+            "drives local stacks only so far. Runs on cloud VMs need the Pulumi programs and "
+            "Ansible playbooks (not built yet) and `pulumi up` on a machine with the Pulumi CLI "
+            "and cloud credentials. Use --stack local"
         )
     settings = stack.app
     if rounds is not None:
@@ -386,12 +386,9 @@ def _follow(
 ) -> None:
     """Follow the ServerApp's events until it finishes; raise if anything fails."""
     tail = _EventTail(events)
-    deadline = (
-        time.monotonic()
-        + settings.node_wait_timeout
-        + 60
-        + (settings.num_server_rounds + 1) * 2 * settings.round_timeout
-    )
+    # Waiting for the nodes, every round's train phase and the evaluate phase(s), plus slack.
+    allowed = settings.node_wait_timeout + 60 + (settings.num_server_rounds + 1) * 2 * settings.round_timeout
+    deadline = time.monotonic() + allowed
     last_news = time.monotonic()
     while True:
         new = tail.read()

@@ -139,3 +139,19 @@ def test_npz_with_wrong_labels(make_project, tmp_path: Path):
     result = fedfleet(make_project(config), "run")
     assert result.returncode == 3
     assert "labels range over 0..3 but there are 3 classes" in result.stderr
+
+
+def test_cloud_stack_is_refused_before_anything_starts(make_project):
+    config = local_config()
+    config["fedfleet:aggregator"] = {"cloud": "aws", "region": "us-east-1", "instanceType": "m6i.xlarge"}
+    for participant in config["fedfleet:participants"]:
+        participant.update(cloud="aws", region="us-east-1")
+        del participant["location"]
+        for vm in participant["vms"]:
+            del vm["port"]
+    del config["fedfleet:local"]
+    project = make_project(config)
+    result = fedfleet(project, "run")
+    assert result.returncode == 4
+    assert "drives local stacks only so far" in result.stderr
+    assert not (project / "runs").exists() and not (project / ".fedfleet").exists()
