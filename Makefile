@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedfleet-installed
 ARGS   ?=
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast lint bench bench-plan case-study clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "fedfleet needs Python 3.11 (set PYTHON=...)"'
@@ -34,7 +34,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_run.py $(ARGS)
+	$(BIN)/python bench/bench_run.py --variants $(ARGS)
+
+bench-plan: $(STAMP)
+	$(BIN)/python bench/bench_plan.py $(ARGS)
+
+case-study: $(STAMP)
+	$(BIN)/python bench/case_study.py $(ARGS)
 
 clean:
 	rm -rf .fedfleet

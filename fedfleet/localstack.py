@@ -135,9 +135,9 @@ def up(stack: StackConfig, project_dir: Path) -> Inventory:
         stack=stack.name,
         aggregator=AggregatorHost(
             name="aggregator",
-            cloud=stack.aggregator.cloud,
-            region=stack.aggregator.region,
-            instance_type=stack.aggregator.instance_type,
+            cloud="local",  # emulated here; the planned placement is in stack.aggregator
+            region="local",
+            instance_type="local",
             address=stack.local.host,
             port=stack.aggregator.port,
             home=str(local.aggregator),

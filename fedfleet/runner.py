@@ -29,7 +29,7 @@ from fedfleet_app import data as app_data
 from fedfleet_app import worker
 from fedfleet_app.settings import AppSettings
 
-from . import flower, localstack
+from . import flower, localstack, planner
 from .errors import ConfigError, DataError, EnvironmentProblem, FedfleetError, RunFailed
 from .inventory import VM, Inventory
 from .processes import Managed, ProcessGroup, reap_leftovers
@@ -86,7 +86,7 @@ def run(
     stack = load_stack(project_dir, stack_name)
     if not stack.is_local:
         raise EnvironmentProblem(
-            f"stack {stack_name!r} places its aggregator on {stack.aggregator.cloud}: `fedfleet run` "
+            f"stack {stack_name!r} is a cloud stack (it has no fedfleet:local section): `fedfleet run` "
             "drives local stacks only so far. Runs on cloud VMs need the Pulumi programs and "
             "Ansible playbooks (not built yet) and `pulumi up` on a machine with the Pulumi CLI "
             "and cloud credentials. Use --stack local"
@@ -96,6 +96,15 @@ def run(
         if rounds < 1:
             raise ConfigError(f"--rounds must be at least 1 (got {rounds})")
         settings = replace(settings, num_server_rounds=rounds)
+    # Plan first, as on a cloud stack: the local stack then emulates the chosen
+    # aggregator (the choice is shown and recorded, not written into the stack file).
+    placement = planner.make_plan(stack, stack.placement)
+    chosen_site = placement.chosen
+    observer.stage(
+        "plan",
+        f"aggregator on {chosen_site.candidate.label}, ${chosen_site.candidate.usd_per_hour:.4f}/h, "
+        f"max RTT {chosen_site.max_rtt_ms:.0f} ms (emulated here)",
+    )
     local = localstack.paths(stack, project_dir)
     with localstack.locked(local):
         leftovers = reap_leftovers(local.pidfile)
@@ -108,7 +117,10 @@ def run(
         site_counts = _prepare_data(stack, project_dir, settings)
         _check_ports(stack, chosen)
         timings.mark("setup")
-        return _train(project_dir, stack, settings, inventory, chosen, site_counts, timings, observer)
+        return _train(
+            project_dir, stack, settings, inventory, chosen, site_counts, timings, observer,
+            planner.report_dict(placement),
+        )  # fmt: skip
 
 
 def _prepare_data(stack: StackConfig, project_dir: Path, settings: AppSettings) -> dict[str, dict[str, int]]:
@@ -165,6 +177,7 @@ def _train(
     site_counts: dict[str, dict[str, int]],
     timings: Timings,
     observer: Observer,
+    plan: dict[str, Any],
 ) -> dict[str, Any]:
     local = localstack.paths(stack, project_dir)
     run_id = new_run_id()
@@ -181,10 +194,12 @@ def _train(
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "settings": {k: v for k, v in settings.to_run_config().items() if k != "output-dir"},
         "aggregator": {
-            "cloud": inventory.aggregator.cloud,
-            "region": inventory.aggregator.region,
-            "instance_type": inventory.aggregator.instance_type,
+            "emulated": True,
             "address": f"{inventory.aggregator.address}:{inventory.aggregator.port}",
+            "planned": {
+                k: plan["chosen"][k]
+                for k in ("cloud", "region", "instance_type", "usd_per_hour", "max_rtt_ms", "round_seconds")
+            },
         },
         "participants": [
             {

@@ -6,12 +6,15 @@ the user spelled it (`fedfleet:participants[1].vms[0].port`) and the fix.
 
 Schema (keys under `config:`, project `fedfleet`; see Pulumi.yaml for every key):
 
-    fedfleet:aggregator     {cloud, region, instanceType, port}
+    fedfleet:aggregator     {cloud, region, instanceType, port}; the first three are
+                            written by `fedfleet plan`
     fedfleet:participants   [{name, cloud, region, location, dataPath, vms: [{name,
                               vcpu, memoryGib, diskGib, port}]}]
     fedfleet:data           {demo: {partition, alpha, seed}}   (omit demo for real data)
     fedfleet:app            the Flower app's run config (fl/fedfleet_app/settings.py)
-    fedfleet:local          {root, host, warmWorkers}         (local stack only)
+    fedfleet:placement      the user's limits for `fedfleet plan`
+    fedfleet:local          {root, host, warmWorkers}: present only in a local stack,
+                            whose VMs are emulated on this machine
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import difflib
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +31,18 @@ from fedfleet_app.settings import AppSettings, SettingsError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from .catalog import CLOUDS
 from .errors import ConfigError
+from .placement.problem import Currency, Requirements
 
 PROJECT = "fedfleet"
-CLOUDS = ("aws", "gcp", "azure")
 LOCAL = "local"
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
-TOP_KEYS = ("aggregator", "participants", "data", "app", "local")
+TOP_KEYS = ("aggregator", "participants", "data", "app", "placement", "local")
+PLACEMENT_KEYS = (
+    "horizonHours", "rounds", "modelSizeMb", "maxCost", "currency", "maxLatencyMs", "weights",
+    "minVcpu", "minMemoryGib", "clouds", "regions", "exclude", "catalogOverrides", "baseline",
+)  # fmt: skip
 PARTITIONS = ("iid", "dirichlet")
 
 
@@ -74,10 +82,16 @@ class Participant:
 
 @dataclass(frozen=True)
 class Aggregator:
-    cloud: str
-    region: str
-    instance_type: str
+    """Where the aggregator runs: None until `fedfleet plan` has placed it."""
+
+    cloud: str | None
+    region: str | None
+    instance_type: str | None
     port: int
+
+    @property
+    def placed(self) -> bool:
+        return self.cloud is not None
 
 
 @dataclass(frozen=True)
@@ -102,11 +116,12 @@ class StackConfig:
     participants: tuple[Participant, ...]
     app: AppSettings
     demo: DemoData | None
-    local: LocalSettings = field(default_factory=LocalSettings)
+    placement: Requirements
+    local: LocalSettings | None = None
 
     @property
     def is_local(self) -> bool:
-        return self.aggregator.cloud == LOCAL
+        return self.local is not None
 
     def participant(self, name: str) -> Participant:
         for p in self.participants:
@@ -159,13 +174,16 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
             raise ConfigError(f"{path}: {key}: unknown key{_suggest(name, TOP_KEYS, PROJECT + ':')}")
         values[name] = value
     r = _Reader(path, f"{PROJECT}:", values)
+    is_local = "local" in values
     aggregator = _aggregator(r.child("aggregator"))
-    participants = _participants(r.child("participants"), local=aggregator.cloud == LOCAL)
-    demo = _demo(r.child("data"))
+    participants = _participants(r.child("participants"), local=is_local)
+    demo = _demo(r.child("data", default={}))
     app = _app(r.child("app", default={}), len(participants), demo)
-    local = _local(r.child("local", default={}), aggregator)
-    _check_ports(path, aggregator, participants)
-    return StackConfig(stack, path, aggregator, participants, app, demo, local)
+    placement = _placement(r.child("placement", default={}), path.parent.parent)
+    local = _local(r.child("local")) if is_local else None
+    if local is not None:
+        _check_ports(path, aggregator, participants)
+    return StackConfig(stack, path, aggregator, participants, app, demo, placement, local)
 
 
 class _Reader:
@@ -245,11 +263,17 @@ def _name(r: _Reader, field_name: str = "name") -> str:
 
 def _aggregator(r: _Reader) -> Aggregator:
     r.only(("cloud", "region", "instanceType", "port"))
-    cloud = r.choice("cloud", (LOCAL, *CLOUDS))
+    placed = [k for k in ("cloud", "region", "instanceType") if k in r.value]
+    if placed and len(placed) != 3:
+        missing = sorted({"cloud", "region", "instanceType"} - set(placed))
+        raise r.fail(
+            f"has {', '.join(placed)} but not {', '.join(missing)}: give all three "
+            "(`fedfleet plan` writes them) or none"
+        )
     return Aggregator(
-        cloud=cloud,
-        region=r.str("region", LOCAL if cloud == LOCAL else ...),
-        instance_type=r.str("instanceType", LOCAL if cloud == LOCAL else ...),
+        cloud=r.choice("cloud", CLOUDS) if placed else None,
+        region=r.str("region") if placed else None,
+        instance_type=r.str("instanceType") if placed else None,
         port=r.num("port", 1024, 65535, 9443, whole=True),
     )
 
@@ -368,12 +392,63 @@ def _app(r: _Reader, num_participants: int, demo: DemoData | None) -> AppSetting
     return app
 
 
-def _local(r: _Reader, aggregator: Aggregator) -> LocalSettings:
+def _placement(r: _Reader, project_dir: Path) -> Requirements:
+    """The user's limits for `fedfleet plan` (all optional; CLI flags override them)."""
+    r.only(PLACEMENT_KEYS)
+    weights = r.child("weights", {"cost": 0.5, "latency": 0.5})
+    weights.only(("cost", "latency"))
+    w_cost = weights.num("cost", 0, 1000, 0.5)
+    w_latency = weights.num("latency", 0, 1000, 0.5)
+    if w_cost + w_latency <= 0:
+        raise weights.fail("cost and latency weights cannot both be 0")
+    currency = r.child("currency", {"code": "USD", "perUsd": 1.0})
+    currency.only(("code", "perUsd"))
+    code = currency.str("code", "USD")
+    baseline = None
+    if "baseline" in r.value:
+        b = r.child("baseline")
+        b.only(("cloud", "region", "instanceType"))
+        baseline = (b.choice("cloud", CLOUDS), b.str("region"), b.str("instanceType"))
+    overrides = []
+    for item in r.child("catalogOverrides", []).items():
+        if not isinstance(item.value, str) or not item.value:
+            raise item.fail(f"must be a path to a CSV file (got {item.value!r})")
+        path = Path(item.value)
+        overrides.append(path if path.is_absolute() else project_dir / path)
+    return Requirements(
+        horizon_hours=r.num("horizonHours", 1, 87_600, 730.0),
+        rounds=r.num("rounds", 1, 1_000_000, 100, whole=True),
+        model_mb=r.num("modelSizeMb", 0.001, 100_000, 26.0),
+        max_cost=r.num("maxCost", 0, 1e12) if "maxCost" in r.value else None,
+        max_latency_ms=r.num("maxLatencyMs", 0, 10_000) if "maxLatencyMs" in r.value else None,
+        cost_weight=w_cost / (w_cost + w_latency),
+        latency_weight=w_latency / (w_cost + w_latency),
+        min_vcpu=r.num("minVcpu", 1, 1024, 2, whole=True),
+        min_memory_gib=r.num("minMemoryGib", 0, 65536, 4.0),
+        clouds=tuple(_names(r.child("clouds", list(CLOUDS)), CLOUDS)),
+        regions=tuple(_names(r.child("regions", []))),
+        exclude=tuple(_names(r.child("exclude", []))),
+        currency=Currency(code, 1.0 if code == "USD" else currency.num("perUsd", 1e-6, 1e9)),
+        baseline=baseline,
+        catalog_overrides=tuple(overrides),
+    )
+
+
+def _names(r: _Reader, allowed: Sequence[str] | None = None) -> list[str]:
+    out = []
+    for item in r.items():
+        if not isinstance(item.value, str) or not item.value.strip():
+            raise item.fail(f"must be a non-empty string (got {item.value!r})")
+        if allowed is not None and item.value not in allowed:
+            raise item.fail(f"must be one of {', '.join(allowed)} (got {item.value!r})")
+        out.append(item.value.strip())
+    return out
+
+
+def _local(r: _Reader) -> LocalSettings:
+    if r.value is None:
+        r = _Reader(r.path, r.key, {})
     r.only(("root", "host", "warmWorkers"))
-    if aggregator.cloud != LOCAL:
-        if r.value:
-            raise r.fail("only applies to stacks whose aggregator.cloud is local")
-        return LocalSettings()
     host = r.str("host", "127.0.0.1")
     try:
         ip = ipaddress.ip_address(host)
@@ -390,8 +465,6 @@ def _local(r: _Reader, aggregator: Aggregator) -> LocalSettings:
 
 
 def _check_ports(path: Path, aggregator: Aggregator, participants: Sequence[Participant]) -> None:
-    if aggregator.cloud != LOCAL:
-        return
     used = {aggregator.port: f"{PROJECT}:aggregator.port"}
     for i, p in enumerate(participants):
         for j, vm in enumerate(p.vms):

@@ -144,12 +144,12 @@ def test_npz_with_wrong_labels(make_project, tmp_path: Path):
 def test_cloud_stack_is_refused_before_anything_starts(make_project):
     config = local_config()
     config["fedfleet:aggregator"] = {"cloud": "aws", "region": "us-east-1", "instanceType": "m6i.xlarge"}
+    del config["fedfleet:local"]
     for participant in config["fedfleet:participants"]:
         participant.update(cloud="aws", region="us-east-1")
         del participant["location"]
         for vm in participant["vms"]:
             del vm["port"]
-    del config["fedfleet:local"]
     project = make_project(config)
     result = fedfleet(project, "run")
     assert result.returncode == 4

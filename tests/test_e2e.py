@@ -75,6 +75,9 @@ def test_two_rounds_three_participants(make_project):
         state = torch.load(run_dir / rounds[r]["model"], weights_only=True)
         build_model(1, 10).load_state_dict(state)
     assert summary["best_round"]["round"] in (1, 2)
+    # The run planned the aggregator first (emulated here) and recorded the choice.
+    planned = summary["aggregator"]["planned"]
+    assert planned["cloud"] in ("aws", "gcp", "azure") and planned["max_rtt_ms"] <= 250
     assert (
         summary["timings"]["round_mean_seconds"] > summary["timings"]["round_mean_client_compute_seconds"] > 0
     )

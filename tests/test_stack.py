@@ -44,9 +44,10 @@ def test_missing_stack_file_lists_the_stacks(make_project):
     [
         ("config: [unclosed", "not valid YAML"),
         ("just a string\n", "expected a Pulumi stack file with a top-level 'config:' mapping"),
+        ("config:\n  fedfleet:aggregator: {port: 9443}\n", r"fedfleet:participants: is required but missing"),
         (
-            "config:\n  fedfleet:aggregator: {cloud: local}\n",
-            r"fedfleet:participants: is required but missing",
+            "config:\n  fedfleet:aggregator: {cloud: aws}\n",
+            r"aggregator: has cloud but not instanceType, region",
         ),
     ],
 )

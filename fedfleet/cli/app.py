@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import ConfigError, FedfleetError
+from . import plan as plan_cmd
 from . import run as run_cmd
 
 HELP = "Deploy and run cross-silo federated learning across clouds (Flower, Pulumi, Ansible)."
@@ -61,6 +62,7 @@ def project_dir(ctx: typer.Context) -> Path:
     return find_project(Path.cwd().resolve())
 
 
+app.command("plan", help=plan_cmd.HELP)(plan_cmd.command)
 app.command("run", help=run_cmd.HELP)(run_cmd.command)
 
 
