@@ -22,6 +22,7 @@ class VM:
     vcpu: int
     memory_gib: float
     disk_gib: int
+    instance_type: str | None = None
     # Local stack only: the emulated VM's disk and its SuperNode's runtime port.
     home: str | None = None
     port: int | None = None
@@ -36,6 +37,7 @@ class AggregatorHost:
     address: str
     port: int
     home: str | None = None
+    private_ip: str | None = None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from .placement.problem import Currency, Requirements
 PROJECT = "fedfleet"
 LOCAL = "local"
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
-TOP_KEYS = ("aggregator", "participants", "data", "app", "placement", "local")
+TOP_KEYS = ("aggregator", "participants", "data", "app", "placement", "operator", "local")
 PLACEMENT_KEYS = (
     "horizonHours", "rounds", "modelSizeMb", "maxCost", "currency", "maxLatencyMs", "weights",
     "minVcpu", "minMemoryGib", "clouds", "regions", "exclude", "catalogOverrides", "baseline",
@@ -68,6 +68,8 @@ class VMSpec:
     memory_gib: float
     disk_gib: int
     port: int | None = None  # local stack: the SuperNode's runtime API port
+    instance_type: str | None = None  # cloud stacks; default: the catalog's cheapest fit
+    state: str = "active"  # local stack: "stopped" emulates an inactive VM
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Participant:
     location: Location
     data_path: str
     vms: tuple[VMSpec, ...]
+    cidr: str | None = None  # cloud stacks: the site's private network
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class Aggregator:
     region: str | None
     instance_type: str | None
     port: int
+    cidr: str = "10.10.0.0/24"  # cloud stacks: the aggregator's network
 
     @property
     def placed(self) -> bool:
@@ -118,6 +122,7 @@ class StackConfig:
     demo: DemoData | None
     placement: Requirements
     local: LocalSettings | None = None
+    operator: Operator | None = None
 
     @property
     def is_local(self) -> bool:
@@ -181,9 +186,10 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
     app = _app(r.child("app", default={}), len(participants), demo)
     placement = _placement(r.child("placement", default={}), path.parent.parent)
     local = _local(r.child("local")) if is_local else None
+    operator = _operator(r.child("operator", default=None))
     if local is not None:
         _check_ports(path, aggregator, participants)
-    return StackConfig(stack, path, aggregator, participants, app, demo, placement, local)
+    return StackConfig(stack, path, aggregator, participants, app, demo, placement, local, operator)
 
 
 class _Reader:
@@ -262,7 +268,7 @@ def _name(r: _Reader, field_name: str = "name") -> str:
 
 
 def _aggregator(r: _Reader) -> Aggregator:
-    r.only(("cloud", "region", "instanceType", "port"))
+    r.only(("cloud", "region", "instanceType", "port", "cidr"))
     placed = [k for k in ("cloud", "region", "instanceType") if k in r.value]
     if placed and len(placed) != 3:
         missing = sorted({"cloud", "region", "instanceType"} - set(placed))
@@ -275,6 +281,7 @@ def _aggregator(r: _Reader) -> Aggregator:
         region=r.str("region") if placed else None,
         instance_type=r.str("instanceType") if placed else None,
         port=r.num("port", 1024, 65535, 9443, whole=True),
+        cidr=_cidr(r, "cidr") if "cidr" in r.value else "10.10.0.0/24",
     )
 
 
@@ -296,7 +303,7 @@ def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
     participants: list[Participant] = []
     seen_vms: dict[str, str] = {}
     for item in items:
-        item.only(("name", "cloud", "region", "location", "dataPath", "vms"))
+        item.only(("name", "cloud", "region", "location", "dataPath", "cidr", "vms"))
         name = _name(item)
         if any(p.name == name for p in participants):
             raise item.child("name").fail(f"participant name {name!r} is used twice")
@@ -313,7 +320,7 @@ def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
         if not vm_items:
             raise item.child("vms").fail(f"participant {name!r} has no VMs; list at least one")
         for vm in vm_items:
-            vm.only(("name", "vcpu", "memoryGib", "diskGib", "port"))
+            vm.only(("name", "vcpu", "memoryGib", "diskGib", "port", "instanceType", "state"))
             vm_name = _name(vm)
             if vm_name in seen_vms:
                 raise vm.child("name").fail(
@@ -328,6 +335,8 @@ def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
                     memory_gib=vm.num("memoryGib", 0.5, 4096),
                     disk_gib=vm.num("diskGib", 1, 65536, 20, whole=True),
                     port=vm.num("port", 1024, 65535, whole=True) if local else None,
+                    instance_type=vm.str("instanceType") if "instanceType" in vm.value else None,
+                    state=vm.choice("state", ("active", "stopped"), "active"),
                 )
             )
         participants.append(
@@ -338,9 +347,47 @@ def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
                 location=location,
                 data_path=item.str("dataPath", f"sites/{name}/data"),
                 vms=tuple(vms),
+                cidr=_cidr(item, "cidr") if "cidr" in item.value else None,
             )
         )
     return tuple(participants)
+
+
+def _cidr(r: _Reader, name: str) -> str:
+    node = r.child(name)
+    value = r.str(name)
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as err:
+        raise node.fail(f"{value!r} is not a CIDR block ({err}); write e.g. 10.20.0.0/16") from err
+
+
+@dataclass(frozen=True)
+class Operator:
+    """Who administers the cloud VMs: SSH key and the network SSH is allowed from."""
+
+    ssh_public_key: str
+    cidr: str
+    admin_user: str = "fedfleet"
+
+
+def _operator(r: _Reader) -> Operator | None:
+    if r.value is None:
+        return None
+    r.only(("sshPublicKey", "cidr", "adminUser"))
+    key = r.str("sshPublicKey").strip()
+    if not key.startswith(("ssh-ed25519 ", "ssh-rsa ", "ecdsa-sha2-")):
+        raise r.child("sshPublicKey").fail(
+            "must be an OpenSSH public key (ssh-ed25519 AAAA..., ecdsa-sha2-..., ssh-rsa ...), "
+            "the contents of your ~/.ssh/id_ed25519.pub; never a private key"
+        )
+    cidr = _cidr(r, "cidr")
+    if ipaddress.ip_network(cidr).prefixlen == 0:
+        raise r.child("cidr").fail(f"{cidr} would open SSH to the whole internet; give your own network")
+    user = r.str("adminUser", "fedfleet")
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
+        raise r.child("adminUser").fail(f"{user!r} is not a valid Linux user name")
+    return Operator(key, cidr, user)
 
 
 def _demo(r: _Reader) -> DemoData | None:

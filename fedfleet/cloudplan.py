@@ -1,0 +1,153 @@
+"""What a cloud stack provisions, decided before any resource is declared.
+
+Pure logic: the validated stack plus the catalog give one frozen plan — the
+aggregator where `fedfleet plan` put it, one private site per participant with
+its CIDR, and each VM's instance type (given, or the catalog's cheapest type in
+that region with at least the VM's vCPU and memory). Every error names the stack
+file and key. The Pulumi program (infra/) only turns this plan into resources.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from dataclasses import dataclass
+
+from .catalog import Catalog
+from .errors import ConfigError
+from .stack import PROJECT, Operator, StackConfig, VMSpec
+
+DEFAULT_SITE_CIDR = "10.{n}.0.0/16"  # participant i gets 10.(20 + i).0.0/16
+
+
+@dataclass(frozen=True)
+class VmPlan:
+    name: str
+    instance_type: str
+    vcpu: int
+    memory_gib: float
+    disk_gib: int
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    participant: str
+    cloud: str
+    region: str
+    cidr: str
+    vms: tuple[VmPlan, ...]
+
+
+@dataclass(frozen=True)
+class AggregatorPlan:
+    cloud: str
+    region: str
+    instance_type: str
+    vcpu: int
+    memory_gib: float
+    port: int
+    cidr: str
+
+
+@dataclass(frozen=True)
+class InfraPlan:
+    stack: str
+    operator: Operator
+    aggregator: AggregatorPlan
+    sites: tuple[SitePlan, ...]
+
+    @property
+    def locations(self) -> list[tuple[str, str]]:
+        """Every (cloud, region) the stack touches: one explicit provider each."""
+        seen = [(self.aggregator.cloud, self.aggregator.region)]
+        seen += [(s.cloud, s.region) for s in self.sites]
+        return list(dict.fromkeys(seen))
+
+
+def _closest(value: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(value, options, n=3, cutoff=0.5)
+    return f"closest: {', '.join(close)}" if close else f"{len(options)} known"
+
+
+def infra_plan(stack: StackConfig, catalog: Catalog) -> InfraPlan:
+    where = f"{stack.path}: {PROJECT}:"
+    if stack.is_local:
+        raise ConfigError(
+            f"{stack.path}: is a local stack (it has {PROJECT}:local): its VMs are emulated by "
+            "`fedfleet up --stack local`, not provisioned with Pulumi"
+        )
+    agg = stack.aggregator
+    if not agg.placed:
+        raise ConfigError(
+            f"{where}aggregator: has no cloud, region and instanceType yet; run "
+            f"`fedfleet plan --stack {stack.name}` to place it (it writes them into the file)"
+        )
+    assert agg.cloud and agg.region and agg.instance_type
+    price = catalog.prices.get((agg.cloud, agg.region, agg.instance_type))
+    if price is None:
+        regions = sorted({r for c, r, _ in catalog.prices if c == agg.cloud})
+        if agg.region not in regions:
+            raise ConfigError(
+                f"{where}aggregator.region: {agg.region!r} is not an {agg.cloud} region in the catalog ({_closest(agg.region, regions)})"
+            )
+        types = sorted(t for c, r, t in catalog.prices if (c, r) == (agg.cloud, agg.region))
+        raise ConfigError(
+            f"{where}aggregator.instanceType: {agg.instance_type!r} is not priced in {agg.cloud} "
+            f"{agg.region} ({_closest(agg.instance_type, types)})"
+        )
+    if stack.operator is None:
+        raise ConfigError(
+            f"{where}operator: is required for a cloud stack: {{sshPublicKey: <contents of your "
+            "~/.ssh/id_ed25519.pub>, cidr: <the network you administer from, e.g. 203.0.113.7/32>}"
+        )
+    networks = {f"{PROJECT}:aggregator.cidr": ipaddress.ip_network(agg.cidr)}
+    sites = []
+    for i, p in enumerate(stack.participants):
+        key = f"{PROJECT}:participants[{i}]"
+        regions = sorted({r for c, r, _ in catalog.prices if c == p.cloud})
+        if p.region not in regions:
+            raise ConfigError(
+                f"{stack.path}: {key}.region: {p.region!r} is not a {p.cloud} region in the catalog ({_closest(p.region, regions)})"
+            )
+        cidr = p.cidr or DEFAULT_SITE_CIDR.format(n=20 + i)
+        net = ipaddress.ip_network(cidr)
+        for other, existing in networks.items():
+            if net.overlaps(existing):
+                raise ConfigError(
+                    f"{stack.path}: {key}.cidr: {cidr} overlaps {other} ({existing}); give each site its own range"
+                )
+        networks[f"{key}.cidr"] = net
+        vms = []
+        for j, vm in enumerate(p.vms):
+            vms.append(_vm(catalog, p.cloud, p.region, vm, f"{stack.path}: {key}.vms[{j}]"))
+        sites.append(SitePlan(p.name, p.cloud, p.region, cidr, tuple(vms)))
+    return InfraPlan(
+        stack=stack.name,
+        operator=stack.operator,
+        aggregator=AggregatorPlan(
+            agg.cloud, agg.region, agg.instance_type, price.vcpu, price.memory_gib, agg.port, agg.cidr
+        ),
+        sites=tuple(sites),
+    )
+
+
+def _vm(catalog: Catalog, cloud: str, region: str, vm: VMSpec, where: str) -> VmPlan:
+    priced = [p for (c, r, _), p in catalog.prices.items() if (c, r) == (cloud, region)]
+    if vm.instance_type:
+        match = next((p for p in priced if p.instance_type == vm.instance_type), None)
+        if match is None:
+            raise ConfigError(
+                f"{where}.instanceType: {vm.instance_type!r} is not priced in {cloud} {region} ({_closest(vm.instance_type, sorted(p.instance_type for p in priced))})"
+            )
+        if match.vcpu < vm.vcpu or match.memory_gib < vm.memory_gib:
+            raise ConfigError(
+                f"{where}.instanceType: {vm.instance_type} has {match.vcpu} vCPU / {match.memory_gib:g} GiB, less than the VM's vcpu {vm.vcpu} / memoryGib {vm.memory_gib:g}"
+            )
+        return VmPlan(vm.name, match.instance_type, match.vcpu, match.memory_gib, vm.disk_gib)
+    fits = [p for p in priced if p.vcpu >= vm.vcpu and p.memory_gib >= vm.memory_gib]
+    if not fits:
+        raise ConfigError(
+            f"{where}: no instance type in {cloud} {region} has {vm.vcpu} vCPU and {vm.memory_gib:g} GiB in the catalog; lower the size or set instanceType"
+        )
+    best = min(fits, key=lambda p: (p.usd_per_hour, p.vcpu, p.memory_gib, p.instance_type))
+    return VmPlan(vm.name, best.instance_type, best.vcpu, best.memory_gib, vm.disk_gib)

@@ -1,0 +1,96 @@
+"""What every cloud's components share: tags, cloud-init, component inputs and outputs.
+
+Every cloud implements two ComponentResources with the same output names, so
+nothing downstream (the `inventory` output, Ansible, the runner) branches on
+the cloud:
+
+    Aggregator(name, AggregatorArgs, opts)   outputs: public_ip, private_ip, port, cloud, region, instance_type
+    ParticipantSite(name, SiteArgs, opts)    outputs: egress_ip, vms (list of VM dicts, see vm_record)
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+
+from fedfleet.cloudplan import AggregatorPlan, SitePlan, VmPlan
+from fedfleet.stack import Operator
+
+PROJECT = "fedfleet"
+SSH_PORT = 22
+
+
+@dataclass(frozen=True)
+class Tags:
+    stack: str
+
+    def of(self, role: str, participant: str | None = None, **extra: str) -> dict[str, str]:
+        """project, stack, role and participant on every resource (labels on GCP)."""
+        tags = {"project": PROJECT, "stack": self.stack, "role": role, **extra}
+        if participant:
+            tags["participant"] = participant
+        return tags
+
+
+@dataclass(frozen=True)
+class AggregatorArgs:
+    plan: AggregatorPlan
+    operator: Operator
+    tags: Tags
+    # Public egress addresses of the participant sites (their NAT IPs): the only
+    # sources admitted to the SuperLink port.
+    participant_sources: pulumi.Input[list[str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SiteArgs:
+    plan: SitePlan
+    operator: Operator
+    tags: Tags
+
+
+def cloud_init(operator: Operator) -> str:
+    """#cloud-config that readies a VM for Ansible: Python 3 and an admin user with the operator's key."""
+    return textwrap.dedent(
+        f"""\
+        #cloud-config
+        users:
+          - name: {operator.admin_user}
+            groups: [sudo]
+            shell: /bin/bash
+            sudo: "ALL=(ALL) NOPASSWD:ALL"
+            lock_passwd: true
+            ssh_authorized_keys:
+              - {operator.ssh_public_key}
+        ssh_pwauth: false
+        disable_root: true
+        package_update: true
+        packages: [python3, python3-venv, python3-apt]
+        """
+    )
+
+
+def vm_record(
+    vm: VmPlan, participant: str, cloud: str, region: str, private_ip: Any, public_ip: Any = None
+) -> dict[str, Any]:
+    """One VM of the `inventory` output (the keys of fedfleet.inventory.VM)."""
+    return {
+        "name": vm.name,
+        "participant": participant,
+        "private_ip": private_ip,
+        "public_ip": public_ip,
+        "vcpu": vm.vcpu,
+        "memory_gib": vm.memory_gib,
+        "disk_gib": vm.disk_gib,
+        "instance_type": vm.instance_type,
+        "cloud": cloud,
+        "region": region,
+    }
+
+
+def host_cidrs(addresses: list[str]) -> list[str]:
+    """Single-address CIDRs for firewall rules (x.x.x.x -> x.x.x.x/32)."""
+    return [a if "/" in a else f"{a}/32" for a in addresses if a]
