@@ -2,7 +2,7 @@
 
 Three hospitals (aws us-east-1, gcp asia-northeast3, azure westeurope), a 26 MB
 model, 100 rounds over 30 days, max latency 250 ms, max cost 85,000 KRW at an
-assumed 1,450 KRW per USD (stacks/Pulumi.casestudy.yaml). Weights cost:latency
+assumed 1,450 KRW per USD (stacks/Pulumi.prod.yaml). Weights cost:latency
 1:9, 5:5 and 9:1. Baseline: the aggregator in the first participant's region on a
 general-purpose 4 vCPU / 16 GiB type (aws us-east-1 m6i.xlarge).
 
@@ -28,7 +28,7 @@ WEIGHTS = {"1:9": (0.1, 0.9), "5:5": (0.5, 0.5), "9:1": (0.9, 0.1)}
 
 
 def main() -> None:
-    stack = load_stack(REPO, "casestudy")
+    stack = load_stack(REPO, "prod")
     settings = {
         "a) seed limits, min 2 vCPU / 4 GiB": stack.placement,
         "b) baseline's size (min 4 vCPU / 16 GiB), no cost limit": dataclasses.replace(

@@ -18,6 +18,10 @@ from .errors import ConfigError
 from .stack import PROJECT, Operator, StackConfig, VMSpec
 
 DEFAULT_SITE_CIDR = "10.{n}.0.0/16"  # participant i gets 10.(20 + i).0.0/16
+# Resource names are "site-<participant>-<vm>-<suffix>" plus Pulumi's 8-character
+# auto-name suffix; each cloud caps names (GCP 63, Azure VM names 64, AWS tags 256).
+AUTONAME_SUFFIX = 8
+MAX_NAME = {"gcp": 63, "azure": 64, "aws": 255}
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,13 @@ def infra_plan(stack: StackConfig, catalog: Catalog) -> InfraPlan:
         vms = []
         for j, vm in enumerate(p.vms):
             vms.append(_vm(catalog, p.cloud, p.region, vm, f"{stack.path}: {key}.vms[{j}]"))
+            longest = len(f"site-{p.name}-{vm.name}-data-attach") + AUTONAME_SUFFIX
+            if longest > MAX_NAME[p.cloud]:
+                raise ConfigError(
+                    f"{stack.path}: {key}.vms[{j}].name: resource names built from participant "
+                    f"{p.name!r} and VM {vm.name!r} reach {longest} characters, over {p.cloud}'s "
+                    f"{MAX_NAME[p.cloud]}; shorten the participant or VM name"
+                )
         sites.append(SitePlan(p.name, p.cloud, p.region, cidr, tuple(vms)))
     return InfraPlan(
         stack=stack.name,

@@ -225,7 +225,7 @@ class _Reader:
             if name not in allowed:
                 raise self.fail(f"unknown key{_suggest(str(name), allowed)}", self._join(str(name)))
 
-    def str(self, name: str, default: Any = ...) -> str:
+    def text(self, name: str, default: Any = ...) -> str:
         node = self.child(name, default)
         if not isinstance(node.value, str) or not node.value.strip():
             raise node.fail(f"must be a non-empty string (got {node.value!r})")
@@ -258,7 +258,7 @@ def _suggest(name: str, options: Iterable[str], prefix: str = "") -> str:
 
 
 def _name(r: _Reader, field_name: str = "name") -> str:
-    value = r.str(field_name)
+    value = r.text(field_name)
     if not NAME_RE.match(value):
         raise r.child(field_name).fail(
             f"{value!r} must be 2-40 characters of lowercase letters, digits and '-', "
@@ -278,8 +278,8 @@ def _aggregator(r: _Reader) -> Aggregator:
         )
     return Aggregator(
         cloud=r.choice("cloud", CLOUDS) if placed else None,
-        region=r.str("region") if placed else None,
-        instance_type=r.str("instanceType") if placed else None,
+        region=r.text("region") if placed else None,
+        instance_type=r.text("instanceType") if placed else None,
         port=r.num("port", 1024, 65535, 9443, whole=True),
         cidr=_cidr(r, "cidr") if "cidr" in r.value else "10.10.0.0/24",
     )
@@ -292,7 +292,7 @@ def _location(r: _Reader) -> Location:
     if has_region == has_coords:
         raise r.fail("give either {cloud, region} or {lat, lon}")
     if has_region:
-        return Location(cloud=r.choice("cloud", CLOUDS), region=r.str("region"))
+        return Location(cloud=r.choice("cloud", CLOUDS), region=r.text("region"))
     return Location(lat=r.num("lat", -90, 90), lon=r.num("lon", -180, 180))
 
 
@@ -308,7 +308,7 @@ def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
         if any(p.name == name for p in participants):
             raise item.child("name").fail(f"participant name {name!r} is used twice")
         cloud = item.choice("cloud", (LOCAL,) if local else CLOUDS)
-        region = item.str("region")
+        region = item.text("region")
         if "location" in item.value:
             location = _location(item.child("location"))
         elif cloud == LOCAL:
@@ -335,7 +335,7 @@ def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
                     memory_gib=vm.num("memoryGib", 0.5, 4096),
                     disk_gib=vm.num("diskGib", 1, 65536, 20, whole=True),
                     port=vm.num("port", 1024, 65535, whole=True) if local else None,
-                    instance_type=vm.str("instanceType") if "instanceType" in vm.value else None,
+                    instance_type=vm.text("instanceType") if "instanceType" in vm.value else None,
                     state=vm.choice("state", ("active", "stopped"), "active"),
                 )
             )
@@ -345,7 +345,7 @@ def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
                 cloud=cloud,
                 region=region,
                 location=location,
-                data_path=item.str("dataPath", f"sites/{name}/data"),
+                data_path=item.text("dataPath", f"sites/{name}/data"),
                 vms=tuple(vms),
                 cidr=_cidr(item, "cidr") if "cidr" in item.value else None,
             )
@@ -355,11 +355,17 @@ def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
 
 def _cidr(r: _Reader, name: str) -> str:
     node = r.child(name)
-    value = r.str(name)
+    value = r.text(name)
     try:
         return str(ipaddress.ip_network(value, strict=True))
     except ValueError as err:
         raise node.fail(f"{value!r} is not a CIDR block ({err}); write e.g. 10.20.0.0/16") from err
+
+
+# User names Azure refuses for a VM's admin (and that collide with system accounts).
+RESERVED_ADMIN_USERS = frozenset(
+    {"admin", "administrator", "root", "user", "user1", "test", "test1", "guest", "adm", "sys", "ubuntu"}
+)
 
 
 @dataclass(frozen=True)
@@ -375,7 +381,7 @@ def _operator(r: _Reader) -> Operator | None:
     if r.value is None:
         return None
     r.only(("sshPublicKey", "cidr", "adminUser"))
-    key = r.str("sshPublicKey").strip()
+    key = r.text("sshPublicKey").strip()
     if not key.startswith(("ssh-ed25519 ", "ssh-rsa ", "ecdsa-sha2-")):
         raise r.child("sshPublicKey").fail(
             "must be an OpenSSH public key (ssh-ed25519 AAAA..., ecdsa-sha2-..., ssh-rsa ...), "
@@ -384,9 +390,13 @@ def _operator(r: _Reader) -> Operator | None:
     cidr = _cidr(r, "cidr")
     if ipaddress.ip_network(cidr).prefixlen == 0:
         raise r.child("cidr").fail(f"{cidr} would open SSH to the whole internet; give your own network")
-    user = r.str("adminUser", "fedfleet")
+    user = r.text("adminUser", "fedfleet")
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
         raise r.child("adminUser").fail(f"{user!r} is not a valid Linux user name")
+    if user in RESERVED_ADMIN_USERS:
+        raise r.child("adminUser").fail(
+            f"{user!r} is reserved (Azure refuses it, and it collides with system accounts); use e.g. fedfleet"
+        )
     return Operator(key, cidr, user)
 
 
@@ -450,12 +460,12 @@ def _placement(r: _Reader, project_dir: Path) -> Requirements:
         raise weights.fail("cost and latency weights cannot both be 0")
     currency = r.child("currency", {"code": "USD", "perUsd": 1.0})
     currency.only(("code", "perUsd"))
-    code = currency.str("code", "USD")
+    code = currency.text("code", "USD")
     baseline = None
     if "baseline" in r.value:
         b = r.child("baseline")
         b.only(("cloud", "region", "instanceType"))
-        baseline = (b.choice("cloud", CLOUDS), b.str("region"), b.str("instanceType"))
+        baseline = (b.choice("cloud", CLOUDS), b.text("region"), b.text("instanceType"))
     overrides = []
     for item in r.child("catalogOverrides", []).items():
         if not isinstance(item.value, str) or not item.value:
@@ -496,7 +506,7 @@ def _local(r: _Reader) -> LocalSettings:
     if r.value is None:
         r = _Reader(r.path, r.key, {})
     r.only(("root", "host", "warmWorkers"))
-    host = r.str("host", "127.0.0.1")
+    host = r.text("host", "127.0.0.1")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError as err:
@@ -508,7 +518,7 @@ def _local(r: _Reader) -> LocalSettings:
     warm = r.child("warmWorkers", True)
     if not isinstance(warm.value, bool):
         raise warm.fail(f"must be true or false (got {warm.value!r})")
-    return LocalSettings(root=r.str("root", LocalSettings.root), host=host, warm_workers=warm.value)
+    return LocalSettings(root=r.text("root", LocalSettings.root), host=host, warm_workers=warm.value)
 
 
 def _check_ports(path: Path, aggregator: Aggregator, participants: Sequence[Participant]) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pulumi
 import pulumi_aws as aws
 
-from .common import SSH_PORT, AggregatorArgs, SiteArgs, cloud_init, host_cidrs, vm_record
+from .common import SSH_PORT, AggregatorArgs, AggregatorComponent, SiteArgs, cloud_init, host_cidrs, vm_record
 from .config import Accounts
 
 # Canonical's owner id and Ubuntu 24.04 LTS image names: looked up per region.
@@ -34,7 +34,7 @@ def _network(name: str, cidr: str, tags: dict[str, str], child: pulumi.ResourceO
     return aws.ec2.Vpc(f"{name}-vpc", cidr_block=cidr, enable_dns_hostnames=True, tags=tags, opts=child)
 
 
-class Aggregator(pulumi.ComponentResource):
+class Aggregator(AggregatorComponent):
     """A public VM for the SuperLink: its port open only to the participants, SSH only to the operator."""
 
     def __init__(self, name: str, args: AggregatorArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -51,7 +51,9 @@ class Aggregator(pulumi.ComponentResource):
             tags=tags,
             opts=child,
         )
-        aws.ec2.RouteTableAssociation(f"{name}-routes-assoc", subnet_id=subnet.id, route_table_id=routes.id, opts=child)
+        aws.ec2.RouteTableAssociation(
+            f"{name}-routes-assoc", subnet_id=subnet.id, route_table_id=routes.id, opts=child
+        )
         firewall = aws.ec2.SecurityGroup(
             f"{name}-firewall",
             vpc_id=vpc.id,
@@ -87,16 +89,7 @@ class Aggregator(pulumi.ComponentResource):
             opts=child,
         )
         address = aws.ec2.Eip(f"{name}-ip", domain="vpc", instance=vm.id, tags=tags, opts=child)
-        self.public_ip = address.public_ip
-        self.private_ip = vm.private_ip
-        self.port = pulumi.Output.from_input(plan.port)
-        self.cloud = pulumi.Output.from_input("aws")
-        self.region = pulumi.Output.from_input(plan.region)
-        self.instance_type = pulumi.Output.from_input(plan.instance_type)
-        self.register_outputs(
-            {"public_ip": self.public_ip, "private_ip": self.private_ip, "port": self.port,
-             "cloud": self.cloud, "region": self.region, "instance_type": self.instance_type}
-        )  # fmt: skip
+        self.publish("aws", plan, address.public_ip, vm.private_ip)
 
 
 class ParticipantSite(pulumi.ComponentResource):
@@ -110,20 +103,30 @@ class ParticipantSite(pulumi.ComponentResource):
         vpc = _network(name, plan.cidr, tags, child)
         private_cidr, public_cidr = list(_halves(plan.cidr))
         gateway = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=tags, opts=child)
-        public = aws.ec2.Subnet(f"{name}-nat-subnet", vpc_id=vpc.id, cidr_block=public_cidr, tags=tags, opts=child)
-        private = aws.ec2.Subnet(f"{name}-subnet", vpc_id=vpc.id, cidr_block=private_cidr, tags=tags, opts=child)
+        public = aws.ec2.Subnet(
+            f"{name}-nat-subnet", vpc_id=vpc.id, cidr_block=public_cidr, tags=tags, opts=child
+        )
+        private = aws.ec2.Subnet(
+            f"{name}-subnet", vpc_id=vpc.id, cidr_block=private_cidr, tags=tags, opts=child
+        )
         public_routes = aws.ec2.RouteTable(
             f"{name}-nat-routes", vpc_id=vpc.id,
             routes=[aws.ec2.RouteTableRouteArgs(cidr_block=ANYWHERE, gateway_id=gateway.id)], tags=tags, opts=child,
         )  # fmt: skip
-        aws.ec2.RouteTableAssociation(f"{name}-nat-routes-assoc", subnet_id=public.id, route_table_id=public_routes.id, opts=child)
+        aws.ec2.RouteTableAssociation(
+            f"{name}-nat-routes-assoc", subnet_id=public.id, route_table_id=public_routes.id, opts=child
+        )
         egress_ip = aws.ec2.Eip(f"{name}-nat-ip", domain="vpc", tags=tags, opts=child)
-        nat = aws.ec2.NatGateway(f"{name}-nat", allocation_id=egress_ip.id, subnet_id=public.id, tags=tags, opts=child)
+        nat = aws.ec2.NatGateway(
+            f"{name}-nat", allocation_id=egress_ip.id, subnet_id=public.id, tags=tags, opts=child
+        )
         private_routes = aws.ec2.RouteTable(
             f"{name}-routes", vpc_id=vpc.id,
             routes=[aws.ec2.RouteTableRouteArgs(cidr_block=ANYWHERE, nat_gateway_id=nat.id)], tags=tags, opts=child,
         )  # fmt: skip
-        aws.ec2.RouteTableAssociation(f"{name}-routes-assoc", subnet_id=private.id, route_table_id=private_routes.id, opts=child)
+        aws.ec2.RouteTableAssociation(
+            f"{name}-routes-assoc", subnet_id=private.id, route_table_id=private_routes.id, opts=child
+        )
         firewall = aws.ec2.SecurityGroup(
             f"{name}-firewall",
             vpc_id=vpc.id,

@@ -94,3 +94,19 @@ def vm_record(
 def host_cidrs(addresses: list[str]) -> list[str]:
     """Single-address CIDRs for firewall rules (x.x.x.x -> x.x.x.x/32)."""
     return [a if "/" in a else f"{a}/32" for a in addresses if a]
+
+
+class AggregatorComponent(pulumi.ComponentResource):
+    """The outputs every cloud's aggregator publishes, under the same names."""
+
+    def publish(self, cloud: str, plan: AggregatorPlan, public_ip: Any, private_ip: Any) -> None:
+        self.public_ip = pulumi.Output.from_input(public_ip)
+        self.private_ip = pulumi.Output.from_input(private_ip)
+        self.port = pulumi.Output.from_input(plan.port)
+        self.cloud = pulumi.Output.from_input(cloud)
+        self.region = pulumi.Output.from_input(plan.region)
+        self.instance_type = pulumi.Output.from_input(plan.instance_type)
+        self.register_outputs(
+            {"public_ip": self.public_ip, "private_ip": self.private_ip, "port": self.port,
+             "cloud": self.cloud, "region": self.region, "instance_type": self.instance_type}
+        )  # fmt: skip

@@ -29,6 +29,9 @@ class Accounts:
     """Provider settings that belong to the environment, not to the plan."""
 
     gcp_project: str | None = None
+    # Explicit providers do not read `azure-native:subscriptionId`: pass it on when set
+    # (else the subscription comes from `az login` or ARM_SUBSCRIPTION_ID).
+    azure_subscription_id: str | None = None
 
 
 def load() -> tuple[InfraPlan, Accounts]:
@@ -43,4 +46,5 @@ def load() -> tuple[InfraPlan, Accounts]:
             f"{stack_file(stack)}: gcp:project: is required when a site or the aggregator is on GCP "
             f"(pulumi config set gcp:project <your-project-id> --stack {stack})"
         )
-    return plan, Accounts(gcp_project=gcp_project)
+    subscription = pulumi.Config("azure-native").get("subscriptionId")
+    return plan, Accounts(gcp_project=gcp_project, azure_subscription_id=subscription)

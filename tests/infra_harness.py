@@ -53,12 +53,20 @@ class Recorder(pulumi.runtime.Mocks):
                  "accessConfigs": [{**ac, "natIp": f"198.51.100.{n % 250 + 1}"} for ac in ni.get("accessConfigs", [])]}
                 for ni in outputs.get("networkInterfaces", [])
             ]  # fmt: skip
+        if args.typ.startswith("gcp:"):
+            outputs.setdefault("selfLink", f"https://www.googleapis.com/compute/v1/projects/test/{args.name}")
+            outputs.setdefault("name", args.name)
         if args.typ.startswith("gcp:compute/address:"):
             outputs.setdefault("address", f"198.51.100.{n % 250 + 1}")
         if args.typ.startswith("azure-native:network:PublicIPAddress"):
             outputs.setdefault("ipAddress", f"192.0.2.{n % 250 + 1}")
+        if args.typ.startswith("azure-native:"):
+            outputs.setdefault("name", args.name)
         if args.typ.startswith("azure-native:network:NetworkInterface"):
-            outputs.setdefault("ipConfigurations", [{"privateIPAddress": f"10.97.{n // 250}.{n % 250 + 1}"}])
+            outputs["ipConfigurations"] = [
+                {**c, "privateIPAddress": f"10.97.{n // 250}.{n % 250 + 1}"}
+                for c in args.inputs.get("ipConfigurations") or [{}]
+            ]
         return f"{args.name}-id", outputs
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
@@ -66,7 +74,10 @@ class Recorder(pulumi.runtime.Mocks):
         if args.token == "aws:ec2/getAmi:getAmi":
             return {"id": "ami-0123456789abcdef0", "architecture": "x86_64", "name": "ubuntu-noble"}
         if args.token == "gcp:compute/getImage:getImage":
-            return {"selfLink": "projects/ubuntu-os-cloud/global/images/ubuntu-2404-noble-amd64-v1", "name": "ubuntu"}
+            return {
+                "selfLink": "projects/ubuntu-os-cloud/global/images/ubuntu-2404-noble-amd64-v1",
+                "name": "ubuntu",
+            }
         return {}
 
     def of(self, typ: str) -> list[Resource]:
@@ -100,7 +111,9 @@ def stack_config(name: str) -> dict[str, Any]:
     return dict(YAML(typ="safe").load((REPO / "stacks" / f"Pulumi.{name}.yaml").read_text())["config"])
 
 
-def run_program(config: dict[str, Any], stack: str, recorder: Recorder | None = None) -> tuple[Recorder, dict[str, Any]]:
+def run_program(
+    config: dict[str, Any], stack: str, recorder: Recorder | None = None
+) -> tuple[Recorder, dict[str, Any]]:
     """The whole program (infra/__main__.py) under mocks; returns the recorder and its exports."""
     exported: dict[str, Any] = {}
 

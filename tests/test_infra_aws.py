@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pulumi
 import pytest
+
 from fedfleet.cloudplan import AggregatorPlan, SitePlan, VmPlan
 from fedfleet.stack import Operator
 
@@ -34,8 +35,12 @@ def build_aggregator():
     from infra import aws
     from infra.common import AggregatorArgs, Tags
 
-    agg = aws.Aggregator("aggregator", AggregatorArgs(AGG, OPERATOR, Tags("test"), ["203.0.113.9", "203.0.113.10"]))
-    return pulumi.Output.all(public_ip=agg.public_ip, private_ip=agg.private_ip, port=agg.port, cloud=agg.cloud)
+    agg = aws.Aggregator(
+        "aggregator", AggregatorArgs(AGG, OPERATOR, Tags("test"), ["203.0.113.9", "203.0.113.10"])
+    )
+    return pulumi.Output.all(
+        public_ip=agg.public_ip, private_ip=agg.private_ip, port=agg.port, cloud=agg.cloud
+    )
 
 
 def test_site_vms_are_private_with_data_disks_and_nat_egress():
@@ -51,8 +56,13 @@ def test_site_vms_are_private_with_data_disks_and_nat_egress():
     assert [v["name"] for v in out["vms"]] == ["us-vm-1", "us-vm-2"]
     assert all(v["public_ip"] is None and v["private_ip"] for v in out["vms"])
     # The private route goes through the NAT, never the internet gateway.
-    private_routes = next(r for r in rec.of("aws:ec2/routeTable:RouteTable") if r.name == "site-hospital-us-routes")
-    assert "natGatewayId" in private_routes.inputs["routes"][0] and "gatewayId" not in private_routes.inputs["routes"][0]
+    private_routes = next(
+        r for r in rec.of("aws:ec2/routeTable:RouteTable") if r.name == "site-hospital-us-routes"
+    )
+    assert (
+        "natGatewayId" in private_routes.inputs["routes"][0]
+        and "gatewayId" not in private_routes.inputs["routes"][0]
+    )
 
 
 def test_site_firewall_admits_nothing_from_outside():

@@ -16,7 +16,9 @@ from rich.markup import escape
 from .. import __version__
 from ..errors import ConfigError, FedfleetError
 from . import plan as plan_cmd
+from . import promote as promote_cmd
 from . import run as run_cmd
+from . import stacks as stack_cmds
 
 HELP = "Deploy and run cross-silo federated learning across clouds (Flower, Pulumi, Ansible)."
 PROJECT_HELP = "Project directory (holds Pulumi.yaml); default: the nearest one above the current directory."
@@ -64,6 +66,11 @@ def project_dir(ctx: typer.Context) -> Path:
 
 app.command("plan", help=plan_cmd.HELP)(plan_cmd.command)
 app.command("run", help=run_cmd.HELP)(run_cmd.command)
+app.command("preview", help=stack_cmds.PREVIEW_HELP)(stack_cmds.preview)
+app.command("up", help=stack_cmds.UP_HELP)(stack_cmds.up)
+app.command("destroy", help=stack_cmds.DESTROY_HELP)(stack_cmds.destroy)
+app.command("outputs", help=stack_cmds.OUTPUTS_HELP)(stack_cmds.outputs)
+app.command("promote", help=promote_cmd.HELP)(promote_cmd.command)
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
