@@ -123,6 +123,10 @@ def destroy(t: Target, echo: Callable[[str], None]) -> None:
         local = localstack.paths(t.stack, t.project)
         with localstack.locked(local):
             pass  # refuses while a run holds the stack
+        if (local.root / "inventory.json").exists():
+            from .configure import STOP, configure_stack
+
+            configure_stack(t.project, t.stack.name, playbook=STOP)  # services started by `configure`
         if local.root.exists():
             shutil.rmtree(local.root)
         echo(f"local stack {t.stack.name}: removed {local.root} (VM disks, keys, certificates, database)")

@@ -1,23 +1,25 @@
 """The local stack: VMs emulated as directories on this machine.
 
 `up` is the local counterpart of `pulumi up`: it creates each VM's disk (a
-directory with its own FLWR_HOME and SuperNode key), the aggregator's disk (CA,
-SuperLink certificate, database) and returns the same `Inventory` a cloud stack
-exports. It is idempotent: keys, certificates and the SuperLink database persist
-between runs, so SuperNodes stay registered.
+directory the Ansible roles then fill), the stack's TLS material on the
+controller side, and returns the same `Inventory` a cloud stack exports. It is
+idempotent: certificates, node keys and the SuperLink database persist between
+runs, so SuperNodes stay registered.
 
 Layout under the stack root (`fedfleet:local.root`, default `.fedfleet/<stack>`):
 
-    aggregator/   certs/  superlink.db  registered.json  flwr-home/  runs/<run-id>/
-    operator/     flwr-home/config.toml      (the `flwr` CLI's connection)
-    vms/<vm>/     flwr-home/  node_key  node_key.pub
+    pki/          ca.crt ca.key superlink.crt superlink.key node-keys/<vm>.pub  (controller)
+    operator/     flwr-home/config.toml      (the operator's `flwr` CLI connection)
+    aggregator/   superlink/ supervisor/ log/ runs/<run-id>/      (the aggregator's disk)
+    vms/<vm>/     supernode/ supervisor/ log/                     (each VM's disk)
     sites/<participant>/data/                (default data paths, relative to the root)
-    lock  pids.json
+    lock  pids.json  inventory.json
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from .errors import EnvironmentProblem
 from .inventory import VM, AggregatorHost, Inventory
-from .pki import NodeKey, ServerTLS, ensure_node_key, ensure_server_tls
+from .pki import ServerTLS
 from .stack import StackConfig
 
 
@@ -40,16 +42,8 @@ class LocalPaths:
         return self.root / "aggregator"
 
     @property
-    def certs(self) -> Path:
-        return self.aggregator / "certs"
-
-    @property
-    def database(self) -> Path:
-        return self.aggregator / "superlink.db"
-
-    @property
-    def registered(self) -> Path:
-        return self.aggregator / "registered.json"
+    def pki(self) -> Path:
+        return self.root / "pki"
 
     @property
     def operator_home(self) -> Path:
@@ -62,12 +56,24 @@ class LocalPaths:
     def vm_home(self, vm: str) -> Path:
         return self.root / "vms" / vm
 
-    def node_key(self, vm: str) -> NodeKey:
-        home = self.vm_home(vm)
-        return NodeKey(home / "node_key", home / "node_key.pub")
-
     def server_output(self, run_id: str) -> Path:
         return self.aggregator / "runs" / run_id
+
+
+# Linux limits a Unix socket path to 107 bytes.
+MAX_SOCKET_PATH = 100
+
+
+def socket_path(home: Path, name: str) -> Path:
+    """`<home>/<name>.sock`, or a socket in a private 0700 directory when that path is too long."""
+    path = home / f"{name}.sock"
+    if len(str(path)) <= MAX_SOCKET_PATH:
+        return path
+    private = Path("/tmp") / f"fedfleet-{os.getuid()}"  # noqa: S108 (0700, checked below)
+    private.mkdir(mode=0o700, exist_ok=True)
+    if private.stat().st_uid != os.getuid() or private.stat().st_mode & 0o077:
+        raise EnvironmentProblem(f"{private} must be a 0700 directory owned by this user")
+    return private / f"{hashlib.sha256(str(home).encode()).hexdigest()[:16]}-{name}.sock"
 
 
 def paths(stack: StackConfig, project_dir: Path) -> LocalPaths:
@@ -102,18 +108,15 @@ def locked(local: LocalPaths) -> Iterator[None]:
 
 
 def up(stack: StackConfig, project_dir: Path) -> Inventory:
-    """Create (or reuse) the emulated VMs' disks and keys; return the inventory."""
+    """Create (or reuse) the emulated VMs' disks and the stack's TLS material; return the inventory."""
     local = paths(stack, project_dir)
-    if not local.database.exists():
-        local.registered.unlink(missing_ok=True)  # a new database knows no SuperNodes
-    ensure_server_tls(local.certs, [stack.local.host, "localhost"], stack.name)
+    assert stack.local is not None
     participants: dict[str, tuple[VM, ...]] = {}
     for participant in stack.participants:
         vms = []
         for spec in participant.vms:
             home = local.vm_home(spec.name)
-            (home / "flwr-home").mkdir(parents=True, exist_ok=True)
-            ensure_node_key(home, f"fedfleet-{stack.name}-{spec.name}")
+            home.mkdir(parents=True, exist_ok=True)
             vms.append(
                 VM(
                     name=spec.name,
@@ -130,7 +133,7 @@ def up(stack: StackConfig, project_dir: Path) -> Inventory:
                 )
             )
         participants[participant.name] = tuple(vms)
-    (local.aggregator / "flwr-home").mkdir(parents=True, exist_ok=True)
+    local.aggregator.mkdir(parents=True, exist_ok=True)
     inventory = Inventory(
         stack=stack.name,
         aggregator=AggregatorHost(
@@ -149,19 +152,5 @@ def up(stack: StackConfig, project_dir: Path) -> Inventory:
 
 
 def server_tls(stack: StackConfig, project_dir: Path) -> ServerTLS:
-    certs = paths(stack, project_dir).certs
-    return ServerTLS(certs / "ca.crt", certs / "superlink.crt", certs / "superlink.key")
-
-
-def registered(local: LocalPaths) -> dict[str, int]:
-    try:
-        data = json.loads(local.registered.read_text())
-    except (OSError, ValueError):
-        return {}
-    return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
-
-
-def remember_registration(local: LocalPaths, vm: str, node_id: int | None) -> None:
-    known = registered(local)
-    known[vm] = node_id if node_id is not None else known.get(vm, 0)
-    local.registered.write_text(json.dumps(known, indent=2) + "\n")
+    pki = paths(stack, project_dir).pki
+    return ServerTLS(pki / "ca.crt", pki / "superlink.crt", pki / "superlink.key")

@@ -131,6 +131,7 @@ class ProcessGroup:
     def __init__(self, pidfile: Path | None = None) -> None:
         self.pidfile = pidfile
         self.procs: list[Managed] = []
+        self.claims: list[str] = []
         self.token = secrets.token_hex(8)
 
     def __enter__(self) -> ProcessGroup:
@@ -171,6 +172,14 @@ class ProcessGroup:
         self._write_pidfile()
         return proc
 
+    def claim(self, name: str) -> dict[str, str]:
+        """The marker for processes that others start on this group's behalf (a playbook's
+        services): recorded in the pid file, so a later run reaps them if this one is killed,
+        and swept by `stop_all`. Returns the environment entry to pass on."""
+        self.claims.append(name)
+        self._write_pidfile()
+        return {MARKER: self.token}
+
     def stop_all(self, timeout: float = 10.0) -> None:
         """Stop tier by tier, highest first: a SuperNode must see its SuperLink to sign off."""
         for tier in sorted({p.tier for p in self.procs}, reverse=True):
@@ -182,18 +191,19 @@ class ProcessGroup:
         # Whatever carries the marker but left the trees (detached, or orphaned).
         terminate(marked(self.token), timeout)
         self.procs.clear()
+        self.claims.clear()
         self._write_pidfile()
 
     def _write_pidfile(self) -> None:
         if self.pidfile is None:
             return
-        if not self.procs:
+        if not self.procs and not self.claims:
             self.pidfile.unlink(missing_ok=True)
             return
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         entries = [
             {"name": p.name, "pgid": p.pid, "argv0": p.argv[0], "token": self.token} for p in self.procs
-        ]
+        ] + [{"name": name, "pgid": 0, "argv0": "", "token": self.token} for name in self.claims]
         self.pidfile.write_text(json.dumps(entries) + "\n")
 
 
@@ -224,7 +234,11 @@ def reap_leftovers(pidfile: Path, timeout: float = 10.0) -> list[str]:
     tokens = {str(e.get("token", "")) for e in entries if isinstance(e, dict)} - {""}
     if alive:
         terminate(tree(int(e["pgid"]) for e in alive), timeout)
-    for token in tokens:  # detached children of an owner that is already gone
-        terminate(marked(token), timeout)
+    swept = []
+    for token in tokens:  # detached children of an owner that is already gone, claimed services
+        left = marked(token)
+        if left:
+            swept += [str(e.get("name")) for e in entries if e.get("token") == token and e not in alive]
+            terminate(left, timeout)
     pidfile.unlink(missing_ok=True)
-    return [str(e.get("name")) for e in alive]
+    return [str(e.get("name")) for e in alive] + sorted(set(swept))

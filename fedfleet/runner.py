@@ -1,14 +1,18 @@
 """`fedfleet run`: plan, provision, configure, orchestrate, train, record.
 
 One run on the local stack:
-  1. read and validate the stack file; lock the stack; stop leftovers of a killed run
+  1. read and validate the stack file; plan; lock the stack; stop leftovers of a killed run
   2. provision the emulated VMs (`localstack.up`) and write the demo data if asked
   3. check every participant's data and every port before anything starts
-  4. start flower-superlink (TLS, node auth, on-disk database), register the
-     SuperNode keys it does not know yet, start one flower-supernode per participant
-  5. submit the app with `flwr run` and follow the ServerApp's events
-  6. stop every process (also on failure and Ctrl-C), collect the models and
-     events into runs/<run-id>/ and write summary.json there
+  4. configure through the Ansible playbooks (playbooks/site.yml, as on cloud VMs):
+     flower-superlink (TLS, node auth, on-disk database) on the aggregator, then on one
+     VM per participant its node key (registered with the SuperLink), its warm worker
+     and flower-supernode, all under each host's supervisor
+  5. submit the app with `flwr run` and follow the ServerApp's events, watching the
+     services through their supervisors
+  6. stop the services (playbooks/stop.yml; also on failure and Ctrl-C, and anything
+     left carrying the run's marker), collect the models and events into
+     runs/<run-id>/ and write summary.json there
 """
 
 from __future__ import annotations
@@ -18,26 +22,23 @@ import json
 import secrets
 import shutil
 import socket
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from fedfleet_app import data as app_data
-from fedfleet_app import worker
 from fedfleet_app.settings import AppSettings
 
-from . import flower, localstack, planner
+from . import configure, flower, localstack, planner, supervision
 from .errors import ConfigError, DataError, EnvironmentProblem, FedfleetError, RunFailed
 from .inventory import VM, Inventory
-from .processes import Managed, ProcessGroup, reap_leftovers
+from .processes import ProcessGroup, reap_leftovers
 from .results import RunState
 from .stack import PROJECT, StackConfig, load_stack
 
-HEALTH_TIMEOUT = 60.0
 STATUS_CHECK_AFTER = 20.0  # seconds without events before asking the SuperLink
+SERVICE_CHECK_EVERY = 1.0  # seconds between asking the hosts' supervisors
 # Flower's exit codes, as printed in the process log ("Exit Code: 305").
 EXIT_HINTS = {
     "Exit Code: 305": "the SuperLink refused this SuperNode: either its key is not "
@@ -47,7 +48,7 @@ EXIT_HINTS = {
 }
 
 
-class Observer(Protocol):
+class Observer(configure.Progress, Protocol):
     def stage(self, name: str, detail: str = "") -> None: ...
     def update(self, state: RunState) -> None: ...
 
@@ -57,6 +58,12 @@ class _Quiet:
         pass
 
     def update(self, state: RunState) -> None:
+        pass
+
+    def task(self, host: str, name: str) -> None:
+        pass
+
+    def result(self, host: str, name: str, status: str) -> None:
         pass
 
 
@@ -112,10 +119,10 @@ def run(
             observer.stage("cleanup", f"stopped leftovers of a killed run: {', '.join(leftovers)}")
         observer.stage("provision", f"{len(stack.participants)} participants, local VMs")
         inventory = localstack.up(stack, project_dir)
-        chosen = {name: vms[0] for name, vms in inventory.participants.items()}
-        observer.stage("configure", "data and ports")
-        site_counts = _prepare_data(stack, project_dir, settings)
-        _check_ports(stack, chosen)
+        chosen = first_active_vms(stack, inventory)
+        observer.stage("check", "data and ports")
+        site_counts = prepare_data(stack, project_dir, settings)
+        _check_ports(stack, chosen, localstack.paths(stack, project_dir))
         timings.mark("setup")
         return _train(
             project_dir, stack, settings, inventory, chosen, site_counts, timings, observer,
@@ -123,7 +130,22 @@ def run(
         )  # fmt: skip
 
 
-def _prepare_data(stack: StackConfig, project_dir: Path, settings: AppSettings) -> dict[str, dict[str, int]]:
+def first_active_vms(stack: StackConfig, inventory: Inventory) -> dict[str, VM]:
+    """One serving VM per participant: its first VM not marked stopped (issue 6 brings probing)."""
+    chosen = {}
+    for participant in stack.participants:
+        active = [vm for vm, spec in zip(inventory.participants[participant.name], participant.vms, strict=True)
+                  if spec.state != "stopped"]  # fmt: skip
+        if not active:
+            raise EnvironmentProblem(
+                f"participant {participant.name!r} has no active VM ({stack.path}: every VM of "
+                f"{PROJECT}:participants[].vms is stopped)"
+            )
+        chosen[participant.name] = active[0]
+    return chosen
+
+
+def prepare_data(stack: StackConfig, project_dir: Path, settings: AppSettings) -> dict[str, dict[str, int]]:
     """Write the demo partitions if asked, then load every site's data as its ClientApp will."""
     paths = {p.name: localstack.data_path(stack, project_dir, p.name) for p in stack.participants}
     if stack.demo is not None:
@@ -147,13 +169,19 @@ def _prepare_data(stack: StackConfig, project_dir: Path, settings: AppSettings) 
     return counts
 
 
-def _check_ports(stack: StackConfig, chosen: dict[str, VM]) -> None:
-    wanted = [(stack.aggregator.port, f"{PROJECT}:aggregator.port")]
+def _check_ports(stack: StackConfig, chosen: dict[str, VM], local: localstack.LocalPaths) -> None:
+    """Every port the services need is free, or held by that host's own running service."""
+    assert stack.local is not None
+    wanted = [(stack.aggregator.port, f"{PROJECT}:aggregator.port", local.aggregator)]
     for index, participant in enumerate(stack.participants):
         vm = chosen[participant.name]
         j = next(j for j, spec in enumerate(participant.vms) if spec.name == vm.name)
-        wanted.append((vm.port or 0, f"{PROJECT}:participants[{index}].vms[{j}].port"))
-    for port, key in wanted:
+        wanted.append(
+            (vm.port or 0, f"{PROJECT}:participants[{index}].vms[{j}].port", local.vm_home(vm.name))
+        )
+    for port, key, home in wanted:
+        if supervision.status("", localstack.socket_path(home, "supervisor"), timeout=1.0).reachable:
+            continue  # that host's services run (a `fedfleet configure` before); the playbook checks them
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             # As the servers do: connections in TIME_WAIT from a run that just ended
             # must not count, a socket still listening must.
@@ -213,60 +241,37 @@ def _train(
             for p in stack.participants
         ],
     }
-    tls = localstack.server_tls(stack, project_dir)
-    address = f"{stack.local.host}:{stack.aggregator.port}"
-    cli = flower.FlwrCli(local.operator_home, f"fedfleet-{stack.name}", address, tls.ca_cert)
+    cli = configure.prepare_controller(stack, inventory, project_dir)
+    hosts = configure.ansible_inventory(stack, inventory, project_dir, chosen, flwr_bin=flower.tool("flwr"))
+    services = _Services(local, chosen)
     try:
         with ProcessGroup(local.pidfile) as procs:
+            # Everything the playbook starts carries this run's marker: if the stop
+            # playbook cannot run, the ProcessGroup still finds and stops it.
+            marker = procs.claim("flower services (supervisors of the local hosts)")
             try:
-                # Workers first: importing torch takes them a few seconds of CPU,
-                # best spent while the SuperLink starts.
-                workers = {
-                    vm.name: _start_worker(procs, local, vm, run_dir) if stack.local.warm_workers else {}
-                    for vm in chosen.values()
-                }
-                observer.stage("superlink", address)
-                superlink = procs.start(
-                    "superlink",
-                    flower.superlink_argv(
-                        host=stack.local.host,
-                        port=stack.aggregator.port,
-                        database=local.database,
-                        tls=tls,
-                    ),
-                    flower.flower_env(local.aggregator / "flwr-home"),
-                    run_dir / "logs" / "superlink.log",
-                    cwd=local.aggregator,
+                observer.stage(
+                    "configure",
+                    f"playbooks/{configure.SITE}: SuperLink on {inventory.aggregator.name}, SuperNodes on "
+                    + ", ".join(f"{vm.name} ({p})" for p, vm in chosen.items()),
                 )
-                cli.write_config()
-                flower.wait_healthy(
-                    f"https://{address}/health",
-                    tls.ca_cert,
-                    time.monotonic() + HEALTH_TIMEOUT,
-                    lambda: _alive(superlink),
-                )
-                timings.mark("superlink_ready")
-                _register(cli, local, chosen)
-                timings.mark("registered")
-                observer.stage("supernodes", ", ".join(f"{p}→{vm.name}" for p, vm in chosen.items()))
-                watched = [superlink, *(p for p in procs.procs if p.tier == 1)]
-                watched += [
-                    _start_supernode(
-                        procs, stack, project_dir, tls.ca_cert, local, vm, run_dir, workers[vm.name]
-                    )
-                    for vm in chosen.values()
-                ]
+                play = configure.apply(configure.SITE, hosts, envvars=marker, progress=observer)
+                summary["configure"] = play.to_dict()
+                timings.mark("configured")
                 run_config = flower.write_run_config(run_dir / "run_config.toml", settings.to_run_config())
                 observer.stage("submit", "flwr run fl/")
                 flower_run_id = cli.run(project_dir / "fl", run_config)
                 summary["flower_run_id"] = flower_run_id
                 timings.mark("submitted")
                 observer.stage("training", f"{settings.num_server_rounds} rounds")
-                _follow(server_out / "events.jsonl", state, observer, cli, flower_run_id, watched, settings)
+                _follow(server_out / "events.jsonl", state, observer, cli, flower_run_id, services, settings)
                 timings.mark("trained")
             except BaseException:
                 observer.stage("stopping", "every process this run started")
                 raise
+            finally:
+                _stop_services(hosts, marker, summary)
+                _collect_logs(local, chosen, run_dir)
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
         summary["error"] = "interrupted (Ctrl-C or SIGTERM); every process was stopped"
@@ -287,86 +292,54 @@ def _train(
     return summary
 
 
-def _alive(proc: Managed) -> None:
-    code = proc.exit_code()
-    if code is not None:
-        log = proc.log_tail(40)
-        hints = [hint for marker, hint in EXIT_HINTS.items() if marker in log]
-        raise RunFailed(
-            f"{proc.name} exited with code {code}{''.join('; ' + h for h in hints)}. "
-            f"Last lines of {proc.log}:\n{proc.log_tail()}"
-        )
+class _Services:
+    """The run's services as the local hosts' supervisors report them."""
+
+    def __init__(self, local: localstack.LocalPaths, chosen: dict[str, VM]) -> None:
+        self.watch: list[tuple[str, Path, str]] = [("aggregator", local.aggregator, "flower-superlink")]
+        for vm in chosen.values():
+            home = local.vm_home(vm.name)
+            self.watch.append((f"{vm.name} ({vm.participant})", home, "flower-supernode"))
+
+    def check(self) -> None:
+        """Raise RunFailed if a service stopped for good or its host went down."""
+        for host, home, program in self.watch:
+            status = supervision.status(host, localstack.socket_path(home, "supervisor"))
+            why = status.down(program)
+            if why is None:
+                continue
+            log = home / "supervisor" / f"{program}.log"
+            tail = _tail(log)
+            hints = [hint for marker, hint in EXIT_HINTS.items() if marker in tail]
+            raise RunFailed(f"{why}{''.join('; ' + h for h in hints)}. Last lines of {log}:\n{tail}")
 
 
-def _register(cli: flower.FlwrCli, local: localstack.LocalPaths, chosen: dict[str, VM]) -> None:
-    """Register the SuperNode keys this SuperLink database does not hold yet (in parallel)."""
-    known = localstack.registered(local)
-    missing = [vm for vm in chosen.values() if vm.name not in known]
-    if not missing:
-        return
-    with ThreadPoolExecutor(max_workers=len(missing)) as pool:
-        node_ids = list(pool.map(lambda vm: cli.register(local.node_key(vm.name).public), missing))
-    for vm, node_id in zip(missing, node_ids, strict=True):
-        localstack.remember_registration(local, vm.name, node_id)
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _start_worker(procs: ProcessGroup, local: localstack.LocalPaths, vm: VM, run_dir: Path) -> dict[str, str]:
-    """The VM's warm worker (see fl/fedfleet_app/worker.py); returns its node-config keys."""
-    home = local.vm_home(vm.name)
-    socket_path = worker.socket_path_for(home)
-    key_file = home / "worker.key"
-    worker.ensure_key(key_file)
-    argv = [
-        sys.executable,
-        "-m",
-        "fedfleet_app.worker",
-        "--socket",
-        str(socket_path),
-        "--key-file",
-        str(key_file),
-    ]
-    procs.start(
-        f"worker {vm.name} ({vm.participant})",
-        argv,
-        flower.flower_env(home / "flwr-home"),
-        run_dir / "logs" / f"worker-{vm.name}.log",
-        cwd=home,
-        tier=1,
-    )
-    return {"worker-socket": str(socket_path), "worker-key": str(key_file)}
+def _stop_services(hosts: dict[str, Any], marker: dict[str, str], summary: dict[str, Any]) -> None:
+    """SuperNodes first, then the SuperLink, through playbooks/stop.yml."""
+    try:
+        play = configure.apply(configure.STOP, hosts, envvars=marker)
+    except FedfleetError as err:
+        summary["stop_error"] = str(err)  # the ProcessGroup stops what is left
+    else:
+        summary["stop"] = {"seconds": round(play.seconds, 2)}
 
 
-def _start_supernode(
-    procs: ProcessGroup,
-    stack: StackConfig,
-    project_dir: Path,
-    ca_cert: Path,
-    local: localstack.LocalPaths,
-    vm: VM,
-    run_dir: Path,
-    extra_config: dict[str, str],
-) -> Managed:
-    home = local.vm_home(vm.name)
-    return procs.start(
-        f"supernode {vm.name} ({vm.participant})",
-        flower.supernode_argv(
-            superlink=f"{stack.local.host}:{stack.aggregator.port}",
-            ca_cert=ca_cert,
-            private_key=local.node_key(vm.name).private,
-            host=stack.local.host,
-            port=vm.port or 0,
-            node_config={
-                "data-path": str(localstack.data_path(stack, project_dir, vm.participant)),
-                "participant": vm.participant,
-                "vm": vm.name,
-                **extra_config,
-            },
-        ),
-        flower.flower_env(home / "flwr-home", flower.SUPEREXEC_POLL),
-        run_dir / "logs" / f"supernode-{vm.name}.log",
-        cwd=home,
-        tier=1,
-    )
+def _collect_logs(local: localstack.LocalPaths, chosen: dict[str, VM], run_dir: Path) -> None:
+    """Copy the hosts' service logs into the run directory (local hosts only)."""
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    homes = {"aggregator": local.aggregator} | {vm.name: local.vm_home(vm.name) for vm in chosen.values()}
+    for host, home in homes.items():
+        for log in sorted((home / "supervisor").glob("*.log")):
+            shutil.copy2(log, logs / f"{host}-{log.name}")
 
 
 class _EventTail:
@@ -396,7 +369,7 @@ def _follow(
     observer: Observer,
     cli: flower.FlwrCli,
     flower_run_id: int,
-    procs: list[Managed],
+    services: _Services,
     settings: AppSettings,
 ) -> None:
     """Follow the ServerApp's events until it finishes; raise if anything fails."""
@@ -405,6 +378,7 @@ def _follow(
     allowed = settings.node_wait_timeout + 60 + (settings.num_server_rounds + 1) * 2 * settings.round_timeout
     deadline = time.monotonic() + allowed
     last_news = time.monotonic()
+    last_check = 0.0
     while True:
         new = tail.read()
         for event in new:
@@ -416,9 +390,10 @@ def _follow(
             return
         if state.status == "failed":
             raise RunFailed(f"the ServerApp failed: {state.error}")
-        for proc in procs:
-            _alive(proc)
         now = time.monotonic()
+        if now - last_check >= SERVICE_CHECK_EVERY:
+            services.check()
+            last_check = now
         if now - last_news > STATUS_CHECK_AFTER:
             status = cli.status(flower_run_id)
             if str(status.get("status", "")).startswith("finished"):
@@ -429,8 +404,8 @@ def _follow(
                     return
                 raise RunFailed(
                     f"Flower run {flower_run_id} ended as {status.get('status')}: "
-                    f"{status.get('status-details')}. The ServerApp's log is in "
-                    f"{procs[0].log}:\n{procs[0].log_tail()}"
+                    f"{status.get('status-details')}. The ServerApp's log is the SuperLink's "
+                    f"(runs/<run-id>/logs/aggregator-flower-superlink.log)"
                 )
             last_news = now
         if now > deadline:
@@ -455,7 +430,6 @@ def _finish(
                 shutil.copytree(item, target, dirs_exist_ok=True)
             else:
                 shutil.copy2(item, target)
-    node_names = {v: k for k, v in localstack.registered(local).items()}
     best = state.best_round("accuracy")
     rounds = state.rounds_list()
     trained = [r for r in rounds if r["round"] > 0 and r["seconds"] is not None]
@@ -478,12 +452,12 @@ def _finish(
                 "metrics": state.rounds[best].evaluation,
                 "model": state.rounds[best].model,
             },
-            "errors": [{**e, "vm": node_names.get(e.get("node"))} for e in state.errors],
+            "errors": state.errors,
             "timings": {
                 "total_seconds": marks.get("stopped"),
                 "setup_seconds": marks.get("setup"),
-                "superlink_ready_seconds": _between(marks, "setup", "superlink_ready"),
-                "submit_seconds": _between(marks, "registered", "submitted"),
+                "configure_seconds": _between(marks, "setup", "configured"),
+                "submit_seconds": _between(marks, "configured", "submitted"),
                 "training_seconds": _between(marks, "submitted", "trained"),
                 "teardown_seconds": _between(marks, "trained", "stopped"),
                 "round_mean_seconds": mean("seconds"),

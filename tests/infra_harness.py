@@ -81,7 +81,8 @@ class Recorder(pulumi.runtime.Mocks):
         return {}
 
     def of(self, typ: str) -> list[Resource]:
-        return [r for r in self.resources if r.typ == typ]
+        # Sorted by name: the engine registers resources concurrently, in no fixed order.
+        return sorted((r for r in self.resources if r.typ == typ), key=lambda r: r.name)
 
 
 def declare(

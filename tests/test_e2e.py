@@ -7,6 +7,7 @@ no process whose command line mentions that directory is left when it ends.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from fedfleet_app.task import build_model
+
+from fedfleet.processes import tree
 
 from .conftest import running_processes_mentioning
 from .test_cli_errors import earlier_run
@@ -81,6 +84,12 @@ def test_two_rounds_three_participants(make_project):
     assert (
         summary["timings"]["round_mean_seconds"] > summary["timings"]["round_mean_client_compute_seconds"] > 0
     )
+    # Flower was started through the playbook, on each host, with nothing failed.
+    play = summary["configure"]
+    assert play["playbook"] == "site.yml" and play["problems"] == []
+    assert set(play["hosts"]) == {"aggregator", *served.values()}
+    assert all(h.get("failures", 0) == 0 and h["ok"] > 0 for h in play["hosts"].values())
+    assert summary["stop"]["seconds"] > 0
     assert running_processes_mentioning(str(project)) == []
 
 
@@ -88,17 +97,16 @@ def test_failed_run_stops_everything_and_keeps_earlier_results(make_project):
     project = make_project()
     before = earlier_run(project)
     proc = start_run(project, "--rounds", "3")
-    pidfile = project / ".fedfleet" / "local" / "pids.json"
-    # Once training has started, kill one participant's SuperNode from outside.
+    # Once training has started, the serving VM of one participant dies: its supervisor
+    # and everything under it are killed from outside.
     wait_until(lambda: any(e["event"] == "round-start" for e in server_events(project)), 240, "round 1", proc)
-    entries = json.loads(pidfile.read_text())
-    victim = next(e for e in entries if e["name"].startswith("supernode asia-vm-1"))
-    import os
-
-    os.killpg(victim["pgid"], signal.SIGKILL)
+    pidfile = project / ".fedfleet" / "local" / "vms" / "asia-vm-1" / "supervisor" / "supervisord.pid"
+    victims = tree([int(pidfile.read_text())])
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 5, err
-    assert "supernode asia-vm-1 (hospital-asia) exited" in err
+    assert "the supervisor of asia-vm-1 (hospital-asia) does not answer" in err
     assert running_processes_mentioning(str(project)) == []
     run, content = before
     assert (run / "summary.json").read_bytes() == content
@@ -106,6 +114,8 @@ def test_failed_run_stops_everything_and_keeps_earlier_results(make_project):
     assert len(failed) == 1
     summary = json.loads((failed[0] / "summary.json").read_text())
     assert summary["status"] == "failed" and "asia-vm-1" in summary["error"]
+    # The service logs of every host are kept with the run.
+    assert (failed[0] / "logs" / "aggregator-flower-superlink.log").stat().st_size > 0
 
 
 def test_ctrl_c_stops_everything(make_project):

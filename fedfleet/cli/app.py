@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import ConfigError, FedfleetError
+from . import configure as configure_cmd
 from . import plan as plan_cmd
 from . import promote as promote_cmd
 from . import run as run_cmd
@@ -71,6 +72,8 @@ app.command("up", help=stack_cmds.UP_HELP)(stack_cmds.up)
 app.command("destroy", help=stack_cmds.DESTROY_HELP)(stack_cmds.destroy)
 app.command("outputs", help=stack_cmds.OUTPUTS_HELP)(stack_cmds.outputs)
 app.command("promote", help=promote_cmd.HELP)(promote_cmd.command)
+app.command("configure", help=configure_cmd.CONFIGURE_HELP)(configure_cmd.configure_command)
+app.command("stop", help=configure_cmd.STOP_HELP)(configure_cmd.stop_command)
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:

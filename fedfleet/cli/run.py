@@ -16,6 +16,7 @@ from rich.text import Text
 
 from .. import runner
 from ..results import RunState
+from .progress import PlayProgress
 
 HELP = (
     "Run one federated training on a stack (default: the embedded local stack): start the "
@@ -35,8 +36,20 @@ class LiveDisplay:
         self.started = time.monotonic()
         self.live: Live | None = None
         self.state: RunState | None = None
+        self.play: PlayProgress | None = None
+
+    def task(self, host: str, name: str) -> None:
+        if self.play is not None:
+            self.play.task(host, name)
+
+    def result(self, host: str, name: str, status: str) -> None:
+        if self.play is not None:
+            self.play.result(host, name, status)
 
     def stage(self, name: str, detail: str = "") -> None:
+        if self.play is not None:
+            self.play.__exit__()
+            self.play = None
         if name == "training":
             self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
             self.live.start()
@@ -46,6 +59,8 @@ class LiveDisplay:
         self.console.print(
             f"[dim]{time.monotonic() - self.started:6.1f}s[/] [bold]{name}[/] {escape(detail)}"
         )
+        if name == "configure":
+            self.play = PlayProgress(self.console, "ansible-playbook site.yml").__enter__()
 
     def update(self, state: RunState) -> None:
         self.state = state
@@ -90,6 +105,9 @@ class LiveDisplay:
                 self.console.line()  # Live leaves its last line open when not on a terminal
 
     def close(self) -> None:
+        if self.play is not None:
+            self.play.__exit__()
+            self.play = None
         self._stop_live()
 
 
