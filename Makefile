@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedfleet-installed
 ARGS   ?=
 
-.PHONY: setup run test test-fast lint typecheck bench bench-plan case-study clean
+.PHONY: setup run test test-fast lint lint-playbooks typecheck bench bench-plan bench-configure case-study clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "fedfleet needs Python 3.11 (set PYTHON=...)"'
@@ -32,6 +32,11 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	cd playbooks && PATH="$(CURDIR)/$(BIN):$$PATH" ../$(BIN)/ansible-lint --offline --profile production .
+
+# ansible-lint alone (also run by the tests: tests/test_playbooks.py).
+lint-playbooks: $(STAMP)
+	cd playbooks && PATH="$(CURDIR)/$(BIN):$$PATH" ../$(BIN)/ansible-lint --offline --profile production .
 
 # mypy catches typos in the dict inputs of Pulumi resources (about 2.5 min cold).
 typecheck: $(STAMP)
@@ -42,6 +47,9 @@ bench: $(STAMP)
 
 bench-plan: $(STAMP)
 	$(BIN)/python bench/bench_plan.py $(ARGS)
+
+bench-configure: $(STAMP)
+	$(BIN)/python bench/bench_configure.py $(ARGS)
 
 case-study: $(STAMP)
 	$(BIN)/python bench/case_study.py $(ARGS)

@@ -39,6 +39,7 @@ SITE = "site.yml"
 STOP = "stop.yml"
 # Remote hosts: where fedfleet keeps its state and the Python environment.
 REMOTE_HOME = "/opt/fedfleet"
+REMOTE_DATA = "/srv/fedfleet"
 LOCAL_PYTHON = "/usr/bin/python3"
 
 
@@ -230,9 +231,11 @@ def _vm_vars(stack: StackConfig, project_dir: Path, vm: VM) -> dict[str, Any]:
             "flower_supernode_worker_enabled": bool(stack.local and stack.local.warm_workers),
             "flower_supernode_worker_socket": str(localstack.socket_path(home, "worker")),
         }
+    data = Path(participant.data_path)
     return common | {
         "ansible_host": vm.private_ip,
-        "flower_supernode_data_path": participant.data_path,
+        # A relative dataPath is on the site's data disk (mounted at REMOTE_DATA by the site).
+        "flower_supernode_data_path": str(data if data.is_absolute() else Path(REMOTE_DATA) / data),
     }
 
 
@@ -333,6 +336,13 @@ def apply(
 
 def _message(res: Mapping[str, Any]) -> str:
     """The useful part of a failed task's result, one paragraph."""
+    items = [
+        r
+        for r in res.get("results") or []
+        if isinstance(r, dict) and (r.get("failed") or r.get("unreachable"))
+    ]
+    if items:  # a loop: the items that failed say why
+        return "; ".join(dict.fromkeys(_message(r) for r in items))
     parts = [str(res.get("msg") or "").strip()]
     for key in ("stderr", "stdout"):
         text = str(res.get(key) or "").strip()
