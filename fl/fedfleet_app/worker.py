@@ -44,25 +44,8 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-# Linux limits a socket path to 107 bytes; longer VM homes use a private temp dir.
-MAX_SOCKET_PATH = 100
-
-
 class WorkerUnavailable(Exception):
     """No worker answered; compute in-process instead."""
-
-
-def socket_path_for(home: Path) -> Path:
-    path = home / "worker.sock"
-    if len(str(path)) <= MAX_SOCKET_PATH:
-        return path
-    import hashlib
-
-    private = Path("/tmp") / f"fedfleet-{os.getuid()}"  # noqa: S108 (0700, checked below)
-    private.mkdir(mode=0o700, exist_ok=True)
-    if private.stat().st_uid != os.getuid() or private.stat().st_mode & 0o077:
-        raise PermissionError(f"{private} must be a 0700 directory owned by this user")
-    return private / (hashlib.sha256(str(home).encode()).hexdigest()[:16] + ".sock")
 
 
 def ensure_key(path: Path) -> bytes:
