@@ -17,7 +17,8 @@ ROLES = sorted(p for p in (PLAYBOOKS / "roles").iterdir() if p.is_dir())
 @pytest.mark.parametrize("role", ROLES, ids=lambda p: p.name)
 def test_every_default_is_declared_documented_and_prefixed(role: Path):
     defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text()) or {}
-    specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
+    argument_specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())
+    specs = argument_specs["argument_specs"]["main"]["options"]
     readme = (role / "README.md").read_text()
     assert defaults, f"{role.name} has no defaults"
     for name in defaults:
