@@ -37,6 +37,7 @@ PLAYBOOKS = Path(__file__).resolve().parents[1] / "playbooks"
 APP_PACKAGE = Path(__file__).resolve().parents[1] / "fl" / "fedfleet_app"
 SITE = "site.yml"
 STOP = "stop.yml"
+PROBE = "probe.yml"
 # Remote hosts: where fedfleet keeps its state and the Python environment.
 REMOTE_HOME = "/opt/fedfleet"
 REMOTE_DATA = "/srv/fedfleet"
@@ -81,6 +82,7 @@ class PlayResult:
     # host -> {ok, changed, failures, unreachable, skipped}
     hosts: dict[str, dict[str, int]] = field(default_factory=dict)
     problems: list[HostProblem] = field(default_factory=list)
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict)  # host -> facts a task returned
 
     @property
     def changed(self) -> int:
@@ -163,6 +165,7 @@ def ansible_inventory(
         "flower_supernode_flwr_home": str(ctl.operator_home),
         "flower_supernode_connection": connection_name(stack),
         "flower_superlink_tls_src": str(ctl.pki),
+        "fedfleet_probe_timeout": stack.orchestrator.probe_timeout,
     }
     if stack.is_local:
         shared |= {
@@ -222,7 +225,10 @@ def _vm_vars(stack: StackConfig, project_dir: Path, vm: VM) -> dict[str, Any]:
     }
     if stack.is_local:
         home = Path(vm.home or localstack.paths(stack, project_dir).vm_home(vm.name))
+        spec = next(s for s in participant.vms if s.name == vm.name)
         return common | {
+            # Emulation: a VM marked stopped in the stack file fails its probe.
+            "fedfleet_vm_state": spec.state,
             "flower_common_home": str(home),
             "flower_common_supervisor_socket": str(localstack.socket_path(home, "supervisor")),
             "flower_supernode_data_path": str(localstack.data_path(stack, project_dir, vm.participant)),
@@ -246,8 +252,10 @@ def apply(
     limit: str | None = None,
     envvars: Mapping[str, str] | None = None,
     progress: Progress | None = None,
+    check: bool = True,
 ) -> PlayResult:
-    """Run `playbook` from playbooks/ over `inventory`; raise ConfigureFailed naming each failed host."""
+    """Run `playbook` from playbooks/ over `inventory`; raise ConfigureFailed naming each failed
+    host (with `check` false, return the problems in the result instead)."""
     import ansible_runner
 
     progress = progress or _Silent()
@@ -267,6 +275,8 @@ def apply(
             res = data.get("res") or {}
             if status == "ok" and res.get("changed"):
                 status = "changed"
+            if status == "ok" and isinstance(res.get("ansible_facts"), dict):
+                result.facts.setdefault(host, {}).update(res["ansible_facts"])
             if kind == "runner_on_failed" and not data.get("ignore_errors"):
                 result.problems.append(HostProblem(host, task, _message(res)))
             if kind == "runner_on_unreachable":
@@ -317,6 +327,8 @@ def apply(
         shutil.rmtree(private, ignore_errors=True)
     if interrupted.is_set():
         raise KeyboardInterrupt
+    if not check and (result.hosts or result.problems):
+        return result
     if runner.status != "successful" or result.problems:
         if not result.problems:
             result.problems.append(

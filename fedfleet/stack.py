@@ -38,7 +38,7 @@ from .placement.problem import Currency, Requirements
 PROJECT = "fedfleet"
 LOCAL = "local"
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
-TOP_KEYS = ("aggregator", "participants", "data", "app", "placement", "operator", "local")
+TOP_KEYS = ("aggregator", "participants", "data", "app", "placement", "operator", "local", "orchestrator")
 PLACEMENT_KEYS = (
     "horizonHours", "rounds", "modelSizeMb", "maxCost", "currency", "maxLatencyMs", "weights",
     "minVcpu", "minMemoryGib", "clouds", "regions", "exclude", "catalogOverrides", "baseline",
@@ -113,6 +113,16 @@ class LocalSettings:
 
 
 @dataclass(frozen=True)
+class Orchestrator:
+    """How participant VMs are picked: what a VM needs to serve, and how long a probe may take."""
+
+    min_vcpu: int = 1
+    min_memory_gib: float = 1.0
+    min_free_disk_gib: float = 1.0
+    probe_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
 class StackConfig:
     name: str
     path: Path
@@ -123,6 +133,7 @@ class StackConfig:
     placement: Requirements
     local: LocalSettings | None = None
     operator: Operator | None = None
+    orchestrator: Orchestrator = Orchestrator()
 
     @property
     def is_local(self) -> bool:
@@ -187,9 +198,12 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
     placement = _placement(r.child("placement", default={}), path.parent.parent)
     local = _local(r.child("local")) if is_local else None
     operator = _operator(r.child("operator", default=None))
+    orchestrator = _orchestrator(r.child("orchestrator", default={}))
     if local is not None:
         _check_ports(path, aggregator, participants)
-    return StackConfig(stack, path, aggregator, participants, app, demo, placement, local, operator)
+    return StackConfig(
+        stack, path, aggregator, participants, app, demo, placement, local, operator, orchestrator
+    )
 
 
 class _Reader:
@@ -398,6 +412,19 @@ def _operator(r: _Reader) -> Operator | None:
             f"{user!r} is reserved (Azure refuses it, and it collides with system accounts); use e.g. fedfleet"
         )
     return Operator(key, cidr, user)
+
+
+def _orchestrator(r: _Reader) -> Orchestrator:
+    if not isinstance(r.value, Mapping):
+        raise r.fail(f"must be a mapping (got {type(r.value).__name__})")
+    r.only(("minVcpu", "minMemoryGib", "minFreeDiskGib", "probeTimeoutSeconds"))
+    d = Orchestrator()
+    return Orchestrator(
+        min_vcpu=r.num("minVcpu", 1, 1024, d.min_vcpu, whole=True),
+        min_memory_gib=r.num("minMemoryGib", 0.1, 16384, d.min_memory_gib),
+        min_free_disk_gib=r.num("minFreeDiskGib", 0, 65536, d.min_free_disk_gib),
+        probe_timeout=r.num("probeTimeoutSeconds", 1, 600, d.probe_timeout),
+    )
 
 
 def _demo(r: _Reader) -> DemoData | None:

@@ -20,6 +20,7 @@ from . import plan as plan_cmd
 from . import promote as promote_cmd
 from . import run as run_cmd
 from . import stacks as stack_cmds
+from . import vms as vms_cmd
 
 HELP = "Deploy and run cross-silo federated learning across clouds (Flower, Pulumi, Ansible)."
 PROJECT_HELP = "Project directory (holds Pulumi.yaml); default: the nearest one above the current directory."
@@ -74,6 +75,7 @@ app.command("outputs", help=stack_cmds.OUTPUTS_HELP)(stack_cmds.outputs)
 app.command("promote", help=promote_cmd.HELP)(promote_cmd.command)
 app.command("configure", help=configure_cmd.CONFIGURE_HELP)(configure_cmd.configure_command)
 app.command("stop", help=configure_cmd.STOP_HELP)(configure_cmd.stop_command)
+app.command("vms", help=vms_cmd.HELP)(vms_cmd.command)
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:

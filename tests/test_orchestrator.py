@@ -1,0 +1,69 @@
+"""`fedfleet vms`: the probe playbook on the local stack's VMs and the verdict per VM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedfleet.errors import ConfigError
+from fedfleet.orchestrator import _free_disk_gib
+from fedfleet.sandbox import local_config, scratch_project
+from fedfleet.stack import load_stack
+
+
+def vms(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedfleet", "--project", str(project), "vms", *args],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def test_vms_probes_every_vm_and_says_which_would_serve(tmp_path: Path):
+    config = local_config(vms_per_participant=3)
+    config["fedfleet:participants"][0]["vms"][1]["state"] = "stopped"  # us-vm-2: inactive
+    config["fedfleet:participants"][1]["vms"][0]["vcpu"] = 1  # asia-vm-1: too small
+    config["fedfleet:orchestrator"] = {"minVcpu": 2, "minMemoryGib": 4, "probeTimeoutSeconds": 10}
+    project = scratch_project(tmp_path / "p", config)
+
+    done = vms(project, "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {r["vm"]: r for r in json.loads(done.stdout)["vms"]}
+    assert len(rows) == 9
+    assert (
+        rows["us-vm-2"]["reachable"] is False and rows["us-vm-2"]["why_not"] == "inactive: the VM is stopped"
+    )
+    assert rows["asia-vm-1"]["reachable"] is True
+    assert rows["asia-vm-1"]["why_not"] == "below the minimum: 1 vCPU < 2"
+    # Who serves, and the failover order after it (the rotation starts at each first VM).
+    assert {vm for vm, r in rows.items() if r["pick"] == 1} == {"us-vm-1", "asia-vm-2", "eu-vm-1"}
+    assert rows["us-vm-3"]["pick"] == 2 and rows["eu-vm-3"]["pick"] == 3
+    assert all(r["free_disk_gib"] > 0 for r in rows.values() if r["reachable"])
+
+
+def test_free_disk_is_read_from_the_mount_that_holds_the_home():
+    facts = {
+        "ansible_mounts": [
+            {"mount": "/", "size_available": 10 * 2**30},
+            {"mount": "/srv", "size_available": 200 * 2**30},
+            {"mount": "/srv/other", "size_available": 1 * 2**30},
+        ]
+    }
+    assert _free_disk_gib(facts, "/srv/fedfleet") == 200
+    assert _free_disk_gib(facts, "/opt/fedfleet") == 10
+    assert _free_disk_gib({}, "/opt") is None
+
+
+def test_orchestrator_keys_are_checked(tmp_path: Path):
+    config = local_config()
+    config["fedfleet:orchestrator"] = {"minVcpu": 0}
+    project = scratch_project(tmp_path / "p", config)
+    with pytest.raises(ConfigError, match=r"fedfleet:orchestrator\.minVcpu"):
+        load_stack(project, "local")
+    config["fedfleet:orchestrator"] = {"minVCPU": 2}
+    scratch_project(tmp_path / "p", config)
+    with pytest.raises(ConfigError, match=r"minVCPU"):
+        load_stack(project, "local")
