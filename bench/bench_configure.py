@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet import configure, flower, localstack
-from fedfleet.runner import first_active_vms, prepare_data
+from fedfleet.runner import prepare_data
 from fedfleet.sandbox import scratch_project
 from fedfleet.stack import load_stack
 
@@ -57,7 +57,7 @@ def one_round(directory: Path) -> dict[str, Any]:
     inventory = localstack.up(stack, project)
     prepare_data(stack, project, stack.app)
     configure.prepare_controller(stack, inventory, project)
-    chosen = first_active_vms(stack, inventory)
+    chosen = {name: vms[0] for name, vms in inventory.participants.items()}
     hosts = configure.ansible_inventory(stack, inventory, project, chosen, flwr_bin=flower.tool("flwr"))
     out: dict[str, Any] = {}
     try:

@@ -391,7 +391,8 @@ def configure_stack(
 ) -> dict[str, Any]:
     """Apply `playbook` to a stack's hosts; the result (per-host counts, seconds) is also saved
     as .fedfleet/<stack>/<playbook>.json."""
-    from .runner import first_active_vms, prepare_data
+    from .orchestrator import choose
+    from .runner import prepare_data
     from .stack import load_stack
 
     stack = load_stack(project_dir, stack_name)
@@ -404,7 +405,8 @@ def configure_stack(
                 prepare_data(stack, project_dir, stack.app)  # the emulated sites' own data
         else:
             inventory = _saved_inventory(stack, project_dir)
-        chosen = first_active_vms(stack, inventory)
+        # Where a run would start the SuperNodes (stop: everything it may have started).
+        chosen = choose(stack, inventory, project_dir, advance=False)[0] if playbook == SITE else {}
         if playbook == SITE:
             prepare_controller(stack, inventory, project_dir)
         hosts = ansible_inventory(stack, inventory, project_dir, chosen, flwr_bin=flower.tool("flwr"))

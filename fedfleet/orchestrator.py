@@ -5,7 +5,7 @@ not answer within `fedfleet:orchestrator.probeTimeoutSeconds` is inactive, the o
 report their vCPUs, memory and the free disk under their fedfleet directory. On the
 local stack the VMs share this machine, so their sizes are the stack file's (the
 emulation) and a VM marked `state: stopped` fails its probe. The policy itself is
-`selection.py`.
+`selection.py`; `choose` applies it for `fedfleet run` and `fedfleet configure`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from . import configure, flower, localstack
-from .inventory import Inventory
-from .selection import Minimums, Probe, Rotation, Verdict, assess
+from .inventory import VM, Inventory
+from .selection import Minimums, NoUsableVM, Probe, Rotation, Verdict, assess, candidates
 from .stack import StackConfig, load_stack
 
 
@@ -107,3 +107,27 @@ def vms_report(project_dir: Path, stack_name: str) -> dict[str, Any]:
         },
         "vms": rows,
     }
+
+
+def choose(
+    stack: StackConfig, inventory: Inventory, project_dir: Path, *, advance: bool
+) -> tuple[dict[str, VM], dict[str, list[str]], dict[str, list[Verdict]]]:
+    """Probe, then per participant the VM that serves and the failover order after it.
+
+    Raises NoUsableVM (naming each VM's reason) before anything is started. With
+    `advance`, the rotation moves past the chosen VMs, so the next run starts after them."""
+    verdicts = probe(stack, inventory, project_dir)
+    rotation = Rotation(rotation_path(stack, project_dir))
+    try:
+        order = candidates(verdicts, rotation)
+    except NoUsableVM as err:
+        raise NoUsableVM(
+            f"{err}\nNo process was started. Start or resize those VMs, or lower "
+            f"fedfleet:orchestrator in {stack.path} (`fedfleet vms --stack {stack.name}` shows every VM)"
+        ) from None
+    chosen = {participant: inventory.vm(vms[0]) for participant, vms in order.items()}
+    if advance:
+        for participant, vm in chosen.items():
+            rotation.served(participant, [v.probe.vm for v in verdicts[participant]], vm.name)
+        rotation.save()
+    return chosen, order, verdicts

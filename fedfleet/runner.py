@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from fedfleet_app import data as app_data
 from fedfleet_app.settings import AppSettings
 
-from . import configure, flower, localstack, planner, supervision
+from . import configure, flower, localstack, orchestrator, planner, supervision
 from .errors import ConfigError, DataError, EnvironmentProblem, FedfleetError, RunFailed
 from .inventory import VM, Inventory
 from .processes import ProcessGroup, reap_leftovers
@@ -119,30 +119,28 @@ def run(
             observer.stage("cleanup", f"stopped leftovers of a killed run: {', '.join(leftovers)}")
         observer.stage("provision", f"{len(stack.participants)} participants, local VMs")
         inventory = localstack.up(stack, project_dir)
-        chosen = first_active_vms(stack, inventory)
+        vm_count = sum(len(vms) for vms in inventory.participants.values())
+        observer.stage(
+            "probe", f"{vm_count} VMs (playbooks/probe.yml), then one per participant, round-robin"
+        )
+        chosen, order, verdicts = orchestrator.choose(stack, inventory, project_dir, advance=True)
+        observer.stage(
+            "choose",
+            ", ".join(f"{p}→{vm.name}" for p, vm in chosen.items())
+            + f" ({sum(v.usable for vs in verdicts.values() for v in vs)}/{vm_count} VMs usable)",
+        )
         observer.stage("check", "data and ports")
         site_counts = prepare_data(stack, project_dir, settings)
         _check_ports(stack, chosen, localstack.paths(stack, project_dir))
         timings.mark("setup")
+        vms = {
+            p: [{"vm": v.probe.vm, "usable": v.usable, "why_not": v.reason or None} for v in vs]
+            for p, vs in verdicts.items()
+        }
         return _train(
             project_dir, stack, settings, inventory, chosen, site_counts, timings, observer,
-            planner.report_dict(placement),
+            planner.report_dict(placement), {"order": order, "vms": vms},
         )  # fmt: skip
-
-
-def first_active_vms(stack: StackConfig, inventory: Inventory) -> dict[str, VM]:
-    """One serving VM per participant: its first VM not marked stopped (issue 6 brings probing)."""
-    chosen = {}
-    for participant in stack.participants:
-        active = [vm for vm, spec in zip(inventory.participants[participant.name], participant.vms, strict=True)
-                  if spec.state != "stopped"]  # fmt: skip
-        if not active:
-            raise EnvironmentProblem(
-                f"participant {participant.name!r} has no active VM ({stack.path}: every VM of "
-                f"{PROJECT}:participants[].vms is stopped)"
-            )
-        chosen[participant.name] = active[0]
-    return chosen
 
 
 def prepare_data(stack: StackConfig, project_dir: Path, settings: AppSettings) -> dict[str, dict[str, int]]:
@@ -206,6 +204,7 @@ def _train(
     timings: Timings,
     observer: Observer,
     plan: dict[str, Any],
+    selection: dict[str, Any],
 ) -> dict[str, Any]:
     local = localstack.paths(stack, project_dir)
     run_id = new_run_id()
@@ -233,6 +232,8 @@ def _train(
             {
                 "name": p.name,
                 "vm": chosen[p.name].name,
+                "failover_order": selection["order"][p.name][1:],
+                "vms": selection["vms"][p.name],
                 "region": p.region,
                 "location": p.location.describe(),
                 "train_examples": site_counts[p.name]["train"],

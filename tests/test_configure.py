@@ -12,7 +12,7 @@ import pytest
 from fedfleet import configure, localstack
 from fedfleet.errors import ConfigError
 from fedfleet.inventory import VM, AggregatorHost, Inventory
-from fedfleet.runner import first_active_vms
+from fedfleet.orchestrator import choose
 from fedfleet.sandbox import REPO, local_config, scratch_project
 from fedfleet.stack import load_stack
 
@@ -28,7 +28,7 @@ def test_local_inventory_has_every_host_and_one_supernode_per_participant(tmp_pa
     project = scratch_project(tmp_path / "p", local_config(vms_per_participant=2))
     stack = load_stack(project, "local")
     inventory = localstack.up(stack, project)
-    chosen = first_active_vms(stack, inventory)
+    chosen = {name: vms[0] for name, vms in inventory.participants.items()}
     hosts = configure.ansible_inventory(stack, inventory, project, chosen, flwr_bin="/x/flwr")
 
     shared = hosts["all"]["vars"]
@@ -53,13 +53,21 @@ def test_local_inventory_has_every_host_and_one_supernode_per_participant(tmp_pa
     assert "PRIVATE KEY" not in json.dumps(hosts)
 
 
-def test_stopped_vms_are_not_chosen(tmp_path: Path):
-    config = local_config(vms_per_participant=2)
+def test_stopped_vms_are_not_chosen_and_runs_rotate(tmp_path: Path):
+    config = local_config(vms_per_participant=3)
     config["fedfleet:participants"][1]["vms"][0]["state"] = "stopped"
     project = scratch_project(tmp_path / "p", config)
     stack = load_stack(project, "local")
-    chosen = first_active_vms(stack, localstack.up(stack, project))
-    assert chosen["hospital-asia"].name == "asia-vm-2"
+    inventory = localstack.up(stack, project)
+    served = []
+    for _ in range(3):
+        chosen, order, _ = choose(stack, inventory, project, advance=True)
+        served.append(chosen["hospital-asia"].name)
+        assert order["hospital-asia"][0] == chosen["hospital-asia"].name
+    assert served == ["asia-vm-2", "asia-vm-3", "asia-vm-2"]
+    # Without advancing (fedfleet configure), the choice stays where the rotation is.
+    assert choose(stack, inventory, project, advance=False)[0]["hospital-asia"].name == "asia-vm-3"
+    assert choose(stack, inventory, project, advance=False)[0]["hospital-asia"].name == "asia-vm-3"
 
 
 def cloud_inventory() -> Inventory:

@@ -69,6 +69,8 @@ def test_two_rounds_three_participants(make_project):
     # One SuperNode per participant, on one of its own VMs, all computing on the VM's worker.
     served = {p["name"]: p["vm"] for p in summary["participants"]}
     assert served == {"hospital-us": "us-vm-1", "hospital-asia": "asia-vm-1", "hospital-eu": "eu-vm-1"}
+    # Chosen after a probe, with the rest of each participant's VMs as the failover order.
+    assert all(p["failover_order"] == [p["vm"].replace("-1", "-2")] for p in summary["participants"])
     for r in (1, 2):
         sites = rounds[r]["sites"]["train"]
         assert sorted(s["participant"] for s in sites) == sorted(served)

@@ -14,6 +14,8 @@ from fedfleet.orchestrator import _free_disk_gib
 from fedfleet.sandbox import local_config, scratch_project
 from fedfleet.stack import load_stack
 
+from .test_cli_errors import assert_nothing_left, earlier_run
+
 
 def vms(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -67,3 +69,23 @@ def test_orchestrator_keys_are_checked(tmp_path: Path):
     scratch_project(tmp_path / "p", config)
     with pytest.raises(ConfigError, match=r"minVCPU"):
         load_stack(project, "local")
+
+
+def test_a_run_without_a_usable_vm_for_a_participant_starts_nothing(tmp_path: Path):
+    config = local_config(vms_per_participant=2)
+    config["fedfleet:participants"][2]["vms"][0]["state"] = "stopped"
+    config["fedfleet:participants"][2]["vms"][1]["memoryGib"] = 1
+    config["fedfleet:orchestrator"] = {"minMemoryGib": 2}
+    project = scratch_project(tmp_path / "p", config)
+    before = earlier_run(project)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedfleet", "--project", str(project), "run"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 4, done.stderr
+    err = " ".join(done.stderr.split())
+    assert "participant 'hospital-eu' has no usable VM" in err
+    assert "eu-vm-1: inactive: the VM is stopped" in err
+    assert "eu-vm-2: below the minimum: 1 GiB memory < 2" in err
+    assert "No process was started" in err
+    assert_nothing_left(project, before)
