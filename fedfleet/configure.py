@@ -166,6 +166,8 @@ def ansible_inventory(
         "flower_supernode_connection": connection_name(stack),
         "flower_superlink_tls_src": str(ctl.pki),
         "fedfleet_probe_timeout": stack.orchestrator.probe_timeout,
+        "flower_supernode_min_vcpu": stack.orchestrator.min_vcpu,
+        "flower_supernode_min_memory_mib": round(stack.orchestrator.min_memory_gib * 1024),
     }
     if stack.is_local:
         shared |= {
@@ -229,6 +231,8 @@ def _vm_vars(stack: StackConfig, project_dir: Path, vm: VM) -> dict[str, Any]:
         return common | {
             # Emulation: a VM marked stopped in the stack file fails its probe.
             "fedfleet_vm_state": spec.state,
+            "flower_supernode_vm_vcpu": spec.vcpu,
+            "flower_supernode_vm_memory_mib": round(spec.memory_gib * 1024),
             "flower_common_home": str(home),
             "flower_common_supervisor_socket": str(localstack.socket_path(home, "supervisor")),
             "flower_supernode_data_path": str(localstack.data_path(stack, project_dir, vm.participant)),

@@ -127,7 +127,15 @@ def choose(
         ) from None
     chosen = {participant: inventory.vm(vms[0]) for participant, vms in order.items()}
     if advance:
-        for participant, vm in chosen.items():
-            rotation.served(participant, [v.probe.vm for v in verdicts[participant]], vm.name)
-        rotation.save()
+        record_served(stack, project_dir, verdicts, {p: vm.name for p, vm in chosen.items()})
     return chosen, order, verdicts
+
+
+def record_served(
+    stack: StackConfig, project_dir: Path, verdicts: dict[str, list[Verdict]], served: dict[str, str]
+) -> None:
+    """Move each participant's rotation past the VM that served it (the next run starts after it)."""
+    rotation = Rotation(rotation_path(stack, project_dir))
+    for participant, vm in served.items():
+        rotation.served(participant, [v.probe.vm for v in verdicts[participant]], vm)
+    rotation.save()

@@ -32,6 +32,7 @@ from fedfleet_app.settings import AppSettings
 
 from . import configure, flower, localstack, orchestrator, planner, supervision
 from .errors import ConfigError, DataError, EnvironmentProblem, FedfleetError, RunFailed
+from .fleet import FLEET_FILE, Fleet
 from .inventory import VM, Inventory
 from .processes import ProcessGroup, reap_leftovers
 from .results import RunState
@@ -39,13 +40,6 @@ from .stack import PROJECT, StackConfig, load_stack
 
 STATUS_CHECK_AFTER = 20.0  # seconds without events before asking the SuperLink
 SERVICE_CHECK_EVERY = 1.0  # seconds between asking the hosts' supervisors
-# Flower's exit codes, as printed in the process log ("Exit Code: 305").
-EXIT_HINTS = {
-    "Exit Code: 305": "the SuperLink refused this SuperNode: either its key is not "
-    "registered (delete the stack's aggregator/registered.json to register again) or an "
-    "earlier SuperNode with this key did not sign off cleanly and the SuperLink still "
-    "counts it as connected (about 60 s after an unclean stop); wait a minute and retry",
-}
 
 
 class Observer(configure.Progress, Protocol):
@@ -123,7 +117,7 @@ def run(
         observer.stage(
             "probe", f"{vm_count} VMs (playbooks/probe.yml), then one per participant, round-robin"
         )
-        chosen, order, verdicts = orchestrator.choose(stack, inventory, project_dir, advance=True)
+        chosen, order, verdicts = orchestrator.choose(stack, inventory, project_dir, advance=False)
         observer.stage(
             "choose",
             ", ".join(f"{p}→{vm.name}" for p, vm in chosen.items())
@@ -139,7 +133,7 @@ def run(
         }
         return _train(
             project_dir, stack, settings, inventory, chosen, site_counts, timings, observer,
-            planner.report_dict(placement), {"order": order, "vms": vms},
+            planner.report_dict(placement), {"order": order, "vms": vms, "verdicts": verdicts},
         )  # fmt: skip
 
 
@@ -243,36 +237,48 @@ def _train(
         ],
     }
     cli = configure.prepare_controller(stack, inventory, project_dir)
-    hosts = configure.ansible_inventory(stack, inventory, project_dir, chosen, flwr_bin=flower.tool("flwr"))
-    services = _Services(local, chosen)
+    fleet: Fleet | None = None
     try:
         with ProcessGroup(local.pidfile) as procs:
             # Everything the playbook starts carries this run's marker: if the stop
             # playbook cannot run, the ProcessGroup still finds and stops it.
             marker = procs.claim("flower services (supervisors of the local hosts)")
+            fleet = Fleet(
+                stack, inventory, project_dir, selection["order"],
+                envvars=marker, progress=observer, say=observer.stage,
+            )  # fmt: skip
             try:
                 observer.stage(
                     "configure",
                     f"playbooks/{configure.SITE}: SuperLink on {inventory.aggregator.name}, SuperNodes on "
                     + ", ".join(f"{vm.name} ({p})" for p, vm in chosen.items()),
                 )
-                play = configure.apply(configure.SITE, hosts, envvars=marker, progress=observer)
-                summary["configure"] = play.to_dict()
+                try:
+                    fleet.start()
+                finally:
+                    summary["configure"] = fleet.configure_report
+                for entry in summary["participants"]:
+                    entry["vm"] = fleet.serving[entry["name"]].name
+                orchestrator.record_served(
+                    stack, project_dir, selection["verdicts"],
+                    {p: vm.name for p, vm in fleet.serving.items()},
+                )  # fmt: skip
                 timings.mark("configured")
+                fleet.tell_server(server_out / FLEET_FILE)
                 run_config = flower.write_run_config(run_dir / "run_config.toml", settings.to_run_config())
                 observer.stage("submit", "flwr run fl/")
                 flower_run_id = cli.run(project_dir / "fl", run_config)
                 summary["flower_run_id"] = flower_run_id
                 timings.mark("submitted")
                 observer.stage("training", f"{settings.num_server_rounds} rounds")
-                _follow(server_out / "events.jsonl", state, observer, cli, flower_run_id, services, settings)
+                _follow(server_out / "events.jsonl", state, observer, cli, flower_run_id, fleet, settings)
                 timings.mark("trained")
             except BaseException:
                 observer.stage("stopping", "every process this run started")
                 raise
             finally:
-                _stop_services(hosts, marker, summary)
-                _collect_logs(local, chosen, run_dir)
+                _stop_services(fleet.hosts(), marker, summary)
+                _collect_logs(local, inventory, fleet.used, run_dir)
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
         summary["error"] = "interrupted (Ctrl-C or SIGTERM); every process was stopped"
@@ -288,39 +294,11 @@ def _train(
     else:
         summary["status"] = "completed"
     finally:
+        if fleet is not None:
+            summary["orchestration"] = fleet.to_dict()
         timings.mark("stopped")
         _finish(summary, state, timings, server_out, run_dir, local)
     return summary
-
-
-class _Services:
-    """The run's services as the local hosts' supervisors report them."""
-
-    def __init__(self, local: localstack.LocalPaths, chosen: dict[str, VM]) -> None:
-        self.watch: list[tuple[str, Path, str]] = [("aggregator", local.aggregator, "flower-superlink")]
-        for vm in chosen.values():
-            home = local.vm_home(vm.name)
-            self.watch.append((f"{vm.name} ({vm.participant})", home, "flower-supernode"))
-
-    def check(self) -> None:
-        """Raise RunFailed if a service stopped for good or its host went down."""
-        for host, home, program in self.watch:
-            status = supervision.status(host, localstack.socket_path(home, "supervisor"))
-            why = status.down(program)
-            if why is None:
-                continue
-            log = home / "supervisor" / f"{program}.log"
-            tail = _tail(log)
-            hints = [hint for marker, hint in EXIT_HINTS.items() if marker in tail]
-            raise RunFailed(f"{why}{''.join('; ' + h for h in hints)}. Last lines of {log}:\n{tail}")
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 def _stop_services(hosts: dict[str, Any], marker: dict[str, str], summary: dict[str, Any]) -> None:
@@ -333,11 +311,12 @@ def _stop_services(hosts: dict[str, Any], marker: dict[str, str], summary: dict[
         summary["stop"] = {"seconds": round(play.seconds, 2)}
 
 
-def _collect_logs(local: localstack.LocalPaths, chosen: dict[str, VM], run_dir: Path) -> None:
+def _collect_logs(local: localstack.LocalPaths, inventory: Inventory, used: list[str], run_dir: Path) -> None:
     """Copy the hosts' service logs into the run directory (local hosts only)."""
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
-    homes = {"aggregator": local.aggregator} | {vm.name: local.vm_home(vm.name) for vm in chosen.values()}
+    homes = {"aggregator": local.aggregator}
+    homes |= {vm: Path(inventory.vm(vm).home or local.vm_home(vm)) for vm in used}
     for host, home in homes.items():
         for log in sorted((home / "supervisor").glob("*.log")):
             shutil.copy2(log, logs / f"{host}-{log.name}")
@@ -370,7 +349,7 @@ def _follow(
     observer: Observer,
     cli: flower.FlwrCli,
     flower_run_id: int,
-    services: _Services,
+    fleet: Fleet,
     settings: AppSettings,
 ) -> None:
     """Follow the ServerApp's events until it finishes; raise if anything fails."""
@@ -393,8 +372,9 @@ def _follow(
             raise RunFailed(f"the ServerApp failed: {state.error}")
         now = time.monotonic()
         if now - last_check >= SERVICE_CHECK_EVERY:
-            services.check()
-            last_check = now
+            fleet.check()  # may start a replacement SuperNode (the ServerApp waits for it)
+            last_check = time.monotonic()
+            deadline += last_check - now  # time spent starting a replacement does not count
         if now - last_news > STATUS_CHECK_AFTER:
             status = cli.status(flower_run_id)
             if str(status.get("status", "")).startswith("finished"):

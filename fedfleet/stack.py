@@ -114,12 +114,14 @@ class LocalSettings:
 
 @dataclass(frozen=True)
 class Orchestrator:
-    """How participant VMs are picked: what a VM needs to serve, and how long a probe may take."""
+    """How participant VMs are picked: what a VM needs to serve, and how long a probe and a
+    SuperNode's first connection to the SuperLink may take."""
 
     min_vcpu: int = 1
     min_memory_gib: float = 1.0
     min_free_disk_gib: float = 1.0
     probe_timeout: float = 20.0
+    connect_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -417,13 +419,14 @@ def _operator(r: _Reader) -> Operator | None:
 def _orchestrator(r: _Reader) -> Orchestrator:
     if not isinstance(r.value, Mapping):
         raise r.fail(f"must be a mapping (got {type(r.value).__name__})")
-    r.only(("minVcpu", "minMemoryGib", "minFreeDiskGib", "probeTimeoutSeconds"))
+    r.only(("minVcpu", "minMemoryGib", "minFreeDiskGib", "probeTimeoutSeconds", "connectTimeoutSeconds"))
     d = Orchestrator()
     return Orchestrator(
         min_vcpu=r.num("minVcpu", 1, 1024, d.min_vcpu, whole=True),
         min_memory_gib=r.num("minMemoryGib", 0.1, 16384, d.min_memory_gib),
         min_free_disk_gib=r.num("minFreeDiskGib", 0, 65536, d.min_free_disk_gib),
         probe_timeout=r.num("probeTimeoutSeconds", 1, 600, d.probe_timeout),
+        connect_timeout=r.num("connectTimeoutSeconds", 1, 3600, d.connect_timeout),
     )
 
 
@@ -463,7 +466,8 @@ def _app(r: _Reader, num_participants: int, demo: DemoData | None) -> AppSetting
             "class folder names of image-folder data (e.g. [Covid, Normal, Viral Pneumonia])",
             f"{r.key}.classes",
         )
-    values.setdefault("min-participants", num_participants)
+    # All but one: a round goes on while one participant's SuperNode is being replaced.
+    values.setdefault("min-participants", max(1, num_participants - 1))
     try:
         app = AppSettings.from_run_config(values, strict=True)
     except SettingsError as err:

@@ -19,6 +19,7 @@ import torch
 from fedfleet_app.task import build_model
 
 from fedfleet.processes import tree
+from fedfleet.sandbox import local_config
 
 from .conftest import running_processes_mentioning
 from .test_cli_errors import earlier_run
@@ -95,20 +96,60 @@ def test_two_rounds_three_participants(make_project):
     assert running_processes_mentioning(str(project)) == []
 
 
+def kill_vm(project: Path, vm: str) -> None:
+    """The VM dies: its supervisor and everything under it are killed from outside."""
+    pidfile = project / ".fedfleet" / "local" / "vms" / vm / "supervisor" / "supervisord.pid"
+    for pid in tree([int(pidfile.read_text())]):
+        os.kill(pid, signal.SIGKILL)
+
+
+def started_round(project: Path, n: int) -> bool:
+    return any(e["event"] == "round-start" and e["round"] == n for e in server_events(project))
+
+
+def test_serving_vm_killed_in_round_2_is_replaced_and_the_run_completes(make_project):
+    project = make_project()  # two VMs per participant
+    proc = start_run(project, "--rounds", "3", "--json")
+    wait_until(lambda: started_round(project, 2), 300, "round 2", proc)
+    killed_at = time.time()
+    kill_vm(project, "asia-vm-1")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    (failover,) = summary["orchestration"]["failovers"]
+    assert failover["participant"] == "hospital-asia" and failover["lost_vm"] == "asia-vm-1"
+    assert "the supervisor of asia-vm-1 (hospital-asia) does not answer" in failover["why"]
+    assert failover["replacement"] == "asia-vm-2" and failover["node_id"] is not None
+    # Noticed far sooner than Flower's heartbeat (60 s), replaced while the run went on.
+    detected = failover["detected_at"] - killed_at
+    recovered = failover["replacement_online_at"] - killed_at
+    print(f"killed asia-vm-1: detected after {detected:.1f} s, replacement online after {recovered:.1f} s")
+    assert 0 <= detected < 10 and recovered < 60
+    rounds = {r["round"]: r for r in summary["rounds"]}
+    # Round 2 went on without the lost node; hospital-asia is back, from asia-vm-2, in round 3.
+    served = {s["participant"]: s["vm"] for s in rounds[3]["sites"]["train"]}
+    assert served == {"hospital-us": "us-vm-1", "hospital-asia": "asia-vm-2", "hospital-eu": "eu-vm-1"}
+    assert {s["participant"] for s in rounds[2]["sites"]["train"]} == {"hospital-us", "hospital-eu"}
+    assert set(rounds[3]["metrics"]) == {"loss", "accuracy", "f1", "precision", "recall"}
+    run_dir = project / "runs" / summary["run_id"]
+    assert (run_dir / "logs" / "asia-vm-2-flower-supernode.log").stat().st_size > 0
+    assert running_processes_mentioning(str(project)) == []
+
+
 def test_failed_run_stops_everything_and_keeps_earlier_results(make_project):
-    project = make_project()
+    # One VM per participant and every participant required: a lost VM cannot be replaced.
+    config = local_config(vms_per_participant=1)
+    config["fedfleet:app"]["min-participants"] = 3
+    project = make_project(config)
     before = earlier_run(project)
     proc = start_run(project, "--rounds", "3")
-    # Once training has started, the serving VM of one participant dies: its supervisor
-    # and everything under it are killed from outside.
-    wait_until(lambda: any(e["event"] == "round-start" for e in server_events(project)), 240, "round 1", proc)
-    pidfile = project / ".fedfleet" / "local" / "vms" / "asia-vm-1" / "supervisor" / "supervisord.pid"
-    victims = tree([int(pidfile.read_text())])
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: started_round(project, 1), 300, "round 1", proc)
+    kill_vm(project, "asia-vm-1")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 5, err
     assert "the supervisor of asia-vm-1 (hospital-asia) does not answer" in err
+    assert "no VM left to take over" in err and "fewer than min-participants=3" in err
     assert running_processes_mentioning(str(project)) == []
     run, content = before
     assert (run / "summary.json").read_bytes() == content

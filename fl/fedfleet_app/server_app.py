@@ -25,21 +25,69 @@ from .task import build_model, load_vector, to_vector
 app = ServerApp()
 
 REPLY_POLL_SECONDS = 0.25
+# Written by fedfleet beside the events (see Fleet).
+FLEET_FILE = "fleet.json"
 
 
 class NodesMissing(RuntimeError):
     """Fewer SuperNodes than required connected in time."""
 
 
+class Fleet:
+    """What the orchestrator says about the run's SuperNodes (`<output-dir>/fleet.json`).
+
+    fedfleet watches the participant VMs far more often than Flower's heartbeat (a dead
+    SuperNode counts as online for up to 60 s): when one dies it lists the node as lost
+    here and starts a replacement on the participant's next VM. `expected` is how many
+    participants still have a SuperNode (or one on its way). Without the file (e.g.
+    under the simulation engine) nothing is lost and min-participants are expected.
+    """
+
+    def __init__(self, path: Path | None, default_expected: int) -> None:
+        self.path = path
+        self.default_expected = default_expected
+
+    def read(self) -> tuple[set[int], int]:
+        if self.path is None:
+            return set(), self.default_expected
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return set(), self.default_expected
+        lost = {int(n) for n in data.get("lost", [])}
+        return lost, int(data.get("expected", self.default_expected))
+
+
 class PromptGrid(Grid):
-    """The run's Grid, with replies pulled every 0.2 s instead of Flower's fixed 3 s.
+    """The run's Grid, with replies pulled every 0.25 s instead of Flower's fixed 3 s,
+    and the orchestrator's word on lost SuperNodes.
+
+    - Messages to a node the orchestrator lists as lost are given up at once, so a phase
+      does not wait out its timeout (or Flower's heartbeat) for a dead SuperNode.
+    - Node sampling waits, at most `node_wait` seconds, until the expected number of
+      participants is connected (a replacement SuperNode may be starting); after that it
+      goes on with those connected if they are at least `min_nodes`, or raises
+      NodesMissing. Flower's own sampling would wait forever.
 
     Every other call goes to the wrapped Grid unchanged.
     """
 
-    def __init__(self, inner: Grid, on_phase: Callable[..., None] | None = None) -> None:
+    def __init__(
+        self,
+        inner: Grid,
+        on_phase: Callable[..., None] | None = None,
+        *,
+        fleet: Fleet | None = None,
+        min_nodes: int = 1,
+        node_wait: float = 120.0,
+        emit: Callable[..., None] | None = None,
+    ) -> None:
         self._inner = inner
         self.on_phase = on_phase
+        self.fleet = fleet or Fleet(None, min_nodes)
+        self.min_nodes = min_nodes
+        self.node_wait = node_wait
+        self.emit = emit or (lambda *_, **__: None)
 
     def set_run(self, run: Any) -> None:
         self._inner.set_run(run)
@@ -58,8 +106,28 @@ class PromptGrid(Grid):
     ) -> Message:
         return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
+    def connected(self) -> list[int]:
+        """Connected nodes the orchestrator has not given up."""
+        lost, _ = self.fleet.read()
+        return [n for n in self._inner.get_node_ids() if n not in lost]
+
     def get_node_ids(self) -> Iterable[int]:
-        return self._inner.get_node_ids()
+        deadline = time.monotonic() + self.node_wait
+        while True:
+            nodes = self.connected()
+            _, expected = self.fleet.read()
+            if len(nodes) >= max(expected, self.min_nodes):
+                return nodes
+            if time.monotonic() >= deadline:
+                if len(nodes) >= self.min_nodes:
+                    self.emit("short", nodes=nodes, expected=expected)
+                    return nodes
+                raise NodesMissing(
+                    f"{len(nodes)} SuperNodes connected, fewer than min-participants={self.min_nodes}, "
+                    f"after waiting {self.node_wait:.0f} s (node-wait-timeout); check that every "
+                    "participant's SuperNode is running and can reach the SuperLink"
+                )
+            time.sleep(REPLY_POLL_SECONDS)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._inner.push_messages(messages)
@@ -70,12 +138,16 @@ class PromptGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        messages = list(messages)
         started = time.time()
-        pending = set(self.push_messages(messages))
+        ids = list(self.push_messages(messages))
+        destination = dict(zip(ids, (m.metadata.dst_node_id for m in messages), strict=True))
+        pending = set(ids)
         pushed = time.time()
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         arrivals: list[float] = []
+        given_up: list[int] = []
         pulling = 0.0
         while pending:
             before = time.time()
@@ -84,12 +156,22 @@ class PromptGrid(Grid):
                 arrivals.append(time.time())
                 pending.discard(reply.metadata.reply_to_message_id)
             pulling += time.time() - before
+            lost, _ = self.fleet.read()
+            for message_id in [m for m in pending if destination[m] in lost]:
+                pending.discard(message_id)
+                given_up.append(destination[message_id])
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(REPLY_POLL_SECONDS)
-        if self.on_phase is not None and (replies or pending):
+        if given_up:
+            self.emit("lost", nodes=given_up)
+        if self.on_phase is not None and (replies or pending or given_up):
             self.on_phase(
-                started=started, pushed=pushed, arrivals=arrivals, pulling=pulling, missing=len(pending)
+                started=started,
+                pushed=pushed,
+                arrivals=arrivals,
+                pulling=pulling,
+                missing=len(pending) + len(given_up),
             )
         return replies
 
@@ -135,20 +217,6 @@ class Recorder:
         self._events.close()
 
 
-def wait_for_nodes(grid: Grid, needed: int, timeout: float, recorder: Recorder) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_node_ids())) < needed:
-        if time.monotonic() >= deadline:
-            raise NodesMissing(
-                f"{len(nodes)} of {needed} SuperNodes connected within {timeout:.0f} s "
-                "(node-wait-timeout); check that every participant's SuperNode is running "
-                "and can reach the SuperLink"
-            )
-        time.sleep(0.2)
-    recorder.emit("nodes", nodes=nodes)
-    return nodes
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = AppSettings.from_run_config(context.run_config)
@@ -157,8 +225,16 @@ def main(grid: Grid, context: Context) -> None:
     recorder = Recorder(Path(settings.output_dir), settings)
     recorder.emit("started", settings=settings.to_run_config(), flower_run_id=context.run_id)
     try:
-        prompt_grid = PromptGrid(grid, lambda **timing: recorder.emit("phase", **timing))
-        wait_for_nodes(prompt_grid, settings.min_participants, settings.node_wait_timeout, recorder)
+        fleet = Fleet(Path(settings.output_dir) / FLEET_FILE, settings.min_participants)
+        prompt_grid = PromptGrid(
+            grid,
+            lambda **timing: recorder.emit("phase", **timing),
+            fleet=fleet,
+            min_nodes=settings.min_participants,
+            node_wait=settings.node_wait_timeout,
+            emit=recorder.emit,
+        )
+        recorder.emit("nodes", nodes=list(prompt_grid.get_node_ids()))
         model = build_model(settings.channels, settings.num_classes, settings.model_seed)
         strategy = RecordedStrategy(build_strategy(settings), settings, recorder.emit)
         strategy.start(

@@ -1,0 +1,338 @@
+"""The SuperNodes of one run: start, retry on the next VM, watch, fail over.
+
+`orchestrator.choose` gives each participant its usable VMs in rotation order. Here:
+
+- `start` runs playbooks/site.yml (the SuperLink and the first VM of each participant)
+  and waits, at most `fedfleet:orchestrator.connectTimeoutSeconds`, until each SuperNode
+  has connected to the SuperLink (its log names its node ID). A VM whose SuperNode fails
+  to start or to connect is stopped, marked with the reason, and the participant's next
+  VM is tried; a participant left with no VM stops the run before training.
+- `check` asks every host's supervisor, about once a second, whether its services run.
+  A dead aggregator fails the run. A dead SuperNode or VM is *lost*: its node ID goes
+  into the ServerApp's `fleet.json` (the ServerApp stops waiting for its replies and
+  waits, bounded, for the replacement when it samples the next round), and a
+  replacement starts on the participant's next VM while the run goes on. Flower alone
+  would notice only when the node's heartbeat expires (up to 60 s).
+
+Local hosts only so far (node IDs are read from the SuperNode's log, services from the
+host's supervisor): `fedfleet run` drives the local stack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import configure, flower, localstack, supervision
+from .errors import FedfleetError, RunFailed
+from .inventory import VM, Inventory
+from .selection import NoUsableVM
+from .stack import StackConfig
+
+FLEET_FILE = "fleet.json"  # the ServerApp reads it (fedfleet_app.server_app.FLEET_FILE)
+NODE_ID = re.compile(rb"SuperNode ID: (\d+)")
+CONNECT_POLL = 0.2
+
+# Flower's exit codes, as printed in the process log ("Exit Code: 305").
+EXIT_HINTS = {
+    "Exit Code: 305": "the SuperLink refused this SuperNode: either its key is not "
+    "registered (delete the VM's record in .fedfleet/<stack>/pki/node-keys/ to register "
+    "again) or an earlier SuperNode with this key did not sign off cleanly and the "
+    "SuperLink still counts it as connected (about 60 s after an unclean stop)",
+}
+
+
+@dataclass
+class Attempt:
+    vm: str
+    error: str = ""  # empty: it serves
+    seconds: float = 0.0
+
+
+@dataclass
+class Failover:
+    participant: str
+    lost_vm: str
+    why: str
+    node_id: int | None
+    detected_at: float  # time.time()
+    attempts: list[Attempt] = field(default_factory=list)
+    replacement: str | None = None
+    online_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "participant": self.participant,
+            "lost_vm": self.lost_vm,
+            "why": self.why,
+            "node_id": self.node_id,
+            "detected_at": self.detected_at,
+            "replacement": self.replacement,
+            "replacement_online_at": self.online_at,
+            "replacement_seconds": None if self.online_at is None else self.online_at - self.detected_at,
+            "attempts": [a.__dict__ for a in self.attempts],
+        }
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+class Fleet:
+    """Which VM serves each participant during one run, and everything that happened to them."""
+
+    def __init__(
+        self,
+        stack: StackConfig,
+        inventory: Inventory,
+        project_dir: Path,
+        order: dict[str, list[str]],
+        *,
+        envvars: dict[str, str],
+        progress: configure.Progress,
+        say: Callable[[str, str], None],
+    ) -> None:
+        self.stack = stack
+        self.inventory = inventory
+        self.project_dir = project_dir
+        self.local = localstack.paths(stack, project_dir)
+        self.queue = {p: list(vms) for p, vms in order.items()}  # untried VMs, in order
+        self.envvars = envvars
+        self.progress = progress
+        self.say = say
+        self.serving: dict[str, VM] = {}
+        self.node_ids: dict[str, int] = {}  # vm -> the node ID it connected with
+        self.used: list[str] = []  # every VM a SuperNode was started on (stop, logs)
+        self.tried: dict[str, list[Attempt]] = {p: [] for p in order}
+        self.failovers: list[Failover] = []
+        self.lost_nodes: list[int] = []
+        self.expected = len(order)
+        self.control: Path | None = None  # the ServerApp's fleet.json, once the run has one
+        self.configure_report: dict[str, Any] = {}
+
+    # -- inventory -------------------------------------------------------------------
+
+    def hosts(self) -> dict[str, Any]:
+        """The Ansible inventory with the serving VMs as the `supernodes` group."""
+        return configure.ansible_inventory(
+            self.stack, self.inventory, self.project_dir, self.serving, flwr_bin=flower.tool("flwr")
+        )
+
+    def _home(self, vm: str) -> Path:
+        return Path(self.inventory.vm(vm).home or self.local.vm_home(vm))
+
+    def _log(self, vm: str) -> Path:
+        return self._home(vm) / "supervisor" / "flower-supernode.log"
+
+    def _status(self, host: str, home: Path) -> supervision.HostStatus:
+        return supervision.status(host, localstack.socket_path(home, "supervisor"), timeout=1.0)
+
+    # -- start -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The SuperLink and one connected SuperNode per participant, or raise (nothing left
+        running is this method's caller's to stop: every VM tried is in `used`)."""
+        first = {p: vms.pop(0) for p, vms in self.queue.items()}
+        self._launch(first, with_aggregator=True)
+        stranded = [p for p in self.tried if p not in self.serving]
+        if stranded:
+            raise NoUsableVM(
+                "\n".join(
+                    f"participant {p!r}: no VM could run its SuperNode ("
+                    + "; ".join(f"{a.vm}: {a.error}" for a in self.tried[p])
+                    + ")"
+                    for p in stranded
+                )
+                + "\nEvery process this run started was stopped. `fedfleet vms --stack "
+                f"{self.stack.name}` shows every VM; the logs are in the run directory"
+            )
+
+    def _launch(self, wanted: dict[str, str], *, with_aggregator: bool) -> None:
+        """Start SuperNodes on `wanted` (participant -> VM); for each that fails, the
+        participant's next VM, until one serves or none is left."""
+        while wanted:
+            offsets = {vm: _size(self._log(vm)) for vm in wanted.values()}
+            for participant, vm in wanted.items():
+                self.serving[participant] = self.inventory.vm(vm)
+                self.used.append(vm)
+            limit = ",".join(["aggregator"] * with_aggregator + list(wanted.values()))
+            started = time.monotonic()
+            play = configure.apply(
+                configure.SITE,
+                self.hosts(),
+                limit=limit,
+                envvars=self.envvars,
+                progress=self.progress,
+                check=False,
+            )
+            if with_aggregator:
+                self.configure_report = play.to_dict()
+                agg = [p for p in play.problems if p.host == self.inventory.aggregator.name]
+                if agg:
+                    raise configure.ConfigureFailed(
+                        f"{configure.SITE} failed on the aggregator:\n"
+                        + "\n".join("  " + p.describe() for p in agg)
+                    )
+                with_aggregator = False
+            problems = {p.host: p for p in play.problems}
+            errors: dict[str, str] = {}
+            for vm in wanted.values():
+                if vm in problems:
+                    errors[vm] = f"{problems[vm].task}: {problems[vm].message}"
+            errors |= self._await_connection({vm: offsets[vm] for vm in wanted.values() if vm not in errors})
+            retry: dict[str, str] = {}
+            for participant, vm in wanted.items():
+                attempt = Attempt(vm, errors.get(vm, ""), round(time.monotonic() - started, 2))
+                self.tried[participant].append(attempt)
+                if not attempt.error:
+                    continue
+                del self.serving[participant]
+                self._stop(vm)
+                if self.queue[participant]:
+                    retry[participant] = self.queue[participant].pop(0)
+                    self.say("retry", f"{vm} ({participant}): {attempt.error}; trying {retry[participant]}")
+            wanted = retry
+
+    def _await_connection(self, offsets: dict[str, int]) -> dict[str, str]:
+        """Wait until each VM's SuperNode logs its node ID; the VMs that did not, with why."""
+        deadline = time.monotonic() + self.stack.orchestrator.connect_timeout
+        waiting = dict(offsets)
+        errors: dict[str, str] = {}
+        while waiting:
+            for vm, offset in list(waiting.items()):
+                node_id = _node_id(self._log(vm), offset)
+                if node_id is not None:
+                    self.node_ids[vm] = node_id
+                    del waiting[vm]
+                    continue
+                why = self._status(vm, self._home(vm)).down("flower-supernode")
+                if why is not None:
+                    errors[vm] = self._explain(why, self._log(vm))
+                    del waiting[vm]
+            if not waiting:
+                break
+            if time.monotonic() >= deadline:
+                for vm in waiting:
+                    errors[vm] = (
+                        f"its SuperNode did not connect to the SuperLink within "
+                        f"{self.stack.orchestrator.connect_timeout:.0f} s "
+                        f"(fedfleet:orchestrator.connectTimeoutSeconds); last lines of {self._log(vm)}:\n"
+                        + tail(self._log(vm), 5)
+                    )
+                break
+            time.sleep(CONNECT_POLL)
+        return errors
+
+    def _stop(self, vm: str) -> None:
+        # If this fails, the run's ProcessGroup stops what is left (it carries the run's marker).
+        with contextlib.suppress(FedfleetError):
+            configure.apply(configure.STOP, self.hosts(), limit=vm, envvars=self.envvars)
+
+    @staticmethod
+    def _explain(why: str, log: Path) -> str:
+        text = tail(log)
+        hints = [hint for marker, hint in EXIT_HINTS.items() if marker in text]
+        return f"{why}{''.join('; ' + h for h in hints)}. Last lines of {log}:\n{text}"
+
+    # -- during the run --------------------------------------------------------------
+
+    def tell_server(self, control: Path) -> None:
+        """Write what the ServerApp reads (atomically): lost node IDs, participants expected."""
+        self.control = control
+        control.parent.mkdir(parents=True, exist_ok=True)
+        tmp = control.with_name(control.name + ".tmp")
+        tmp.write_text(json.dumps({"lost": self.lost_nodes, "expected": self.expected}) + "\n")
+        os.replace(tmp, control)
+
+    def check(self) -> None:
+        """Raise RunFailed if the aggregator is down; replace any SuperNode that is."""
+        agg = self._status("aggregator", self.local.aggregator)
+        why = agg.down("flower-superlink")
+        if why is not None:
+            log = self.local.aggregator / "supervisor" / "flower-superlink.log"
+            raise RunFailed(self._explain(why, log))
+        for participant, vm in list(self.serving.items()):
+            why = self._status(f"{vm.name} ({participant})", self._home(vm.name)).down("flower-supernode")
+            if why is not None:
+                self.fail_over(participant, vm.name, why)
+
+    def fail_over(self, participant: str, vm: str, why: str) -> None:
+        """Give up `vm` (the ServerApp stops waiting for it) and start the participant's next VM."""
+        event = Failover(participant, vm, why, self.node_ids.get(vm), time.time())
+        self.failovers.append(event)
+        del self.serving[participant]
+        if event.node_id is not None:
+            self.lost_nodes.append(event.node_id)
+        nxt = self.queue[participant][0] if self.queue[participant] else None
+        if nxt is None:
+            self.expected -= 1
+        if self.control is not None:
+            self.tell_server(self.control)
+        self.say(
+            "failover", f"{vm} ({participant}) lost: {why.splitlines()[0]}; next VM: {nxt or 'none left'}"
+        )
+        if nxt is None:
+            self._give_up(participant, event)
+            return
+        before = len(self.tried[participant])
+        self._launch({participant: self.queue[participant].pop(0)}, with_aggregator=False)
+        event.attempts = self.tried[participant][before:]
+        self._stop(vm)  # whatever is left of it, if the VM still answers (after: recovery first)
+        if participant in self.serving:
+            event.replacement = self.serving[participant].name
+            event.online_at = time.time()
+        else:
+            self.expected -= 1
+            if self.control is not None:
+                self.tell_server(self.control)
+            self._give_up(participant, event)
+
+    def _give_up(self, participant: str, event: Failover) -> None:
+        minimum = self.stack.app.min_participants
+        if self.expected < minimum:
+            tried = "; ".join(f"{a.vm}: {a.error.splitlines()[0]}" for a in event.attempts)
+            raise RunFailed(
+                f"{event.why}; participant {participant!r} has no VM left to take over"
+                + (f" ({tried})" if tried else "")
+                + f", and {self.expected} participants are fewer than min-participants={minimum}"
+            )
+        self.say("failover", f"{participant} goes on without a SuperNode ({self.expected} participants left)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "serving": {p: vm.name for p, vm in self.serving.items()},
+            "node_ids": {vm: str(n) for vm, n in self.node_ids.items()},
+            "tried": {p: [a.__dict__ for a in attempts] for p, attempts in self.tried.items()},
+            "failovers": [f.to_dict() for f in self.failovers],
+        }
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _node_id(log: Path, offset: int) -> int | None:
+    """The node ID the SuperNode logged after `offset` (it logs it once connected)."""
+    try:
+        with log.open("rb") as fh:
+            if fh.seek(0, os.SEEK_END) < offset:
+                offset = 0  # the log was rotated
+            fh.seek(offset)
+            found = NODE_ID.findall(fh.read())
+    except OSError:
+        return None
+    return int(found[-1]) if found else None
