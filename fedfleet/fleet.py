@@ -140,11 +140,11 @@ class Fleet:
 
     # -- start -----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """The SuperLink and one connected SuperNode per participant, or raise (nothing left
-        running is this method's caller's to stop: every VM tried is in `used`)."""
+    def start(self, *, with_aggregator: bool = True) -> None:
+        """The SuperLink and one connected SuperNode per participant, or raise NoUsableVM
+        (what was started is the caller's to stop: every VM tried is in `used`)."""
         first = {p: vms.pop(0) for p, vms in self.queue.items()}
-        self._launch(first, with_aggregator=True)
+        self._launch(first, with_aggregator=with_aggregator)
         stranded = [p for p in self.tried if p not in self.serving]
         if stranded:
             raise NoUsableVM(
@@ -165,7 +165,8 @@ class Fleet:
             offsets = {vm: _size(self._log(vm)) for vm in wanted.values()}
             for participant, vm in wanted.items():
                 self.serving[participant] = self.inventory.vm(vm)
-                self.used.append(vm)
+                if vm not in self.used:
+                    self.used.append(vm)
             limit = ",".join(["aggregator"] * with_aggregator + list(wanted.values()))
             started = time.monotonic()
             play = configure.apply(

@@ -125,7 +125,7 @@ def run(
         )
         observer.stage("check", "data and ports")
         site_counts = prepare_data(stack, project_dir, settings)
-        _check_ports(stack, chosen, localstack.paths(stack, project_dir))
+        _check_ports(stack, localstack.paths(stack, project_dir))
         timings.mark("setup")
         vms = {
             p: [{"vm": v.probe.vm, "usable": v.usable, "why_not": v.reason or None} for v in vs]
@@ -161,16 +161,13 @@ def prepare_data(stack: StackConfig, project_dir: Path, settings: AppSettings) -
     return counts
 
 
-def _check_ports(stack: StackConfig, chosen: dict[str, VM], local: localstack.LocalPaths) -> None:
-    """Every port the services need is free, or held by that host's own running service."""
+def _check_ports(stack: StackConfig, local: localstack.LocalPaths) -> None:
+    """The SuperLink's port is free, or held by the aggregator's own running service.
+
+    (A participant VM's port is checked by the SuperNode role's preflight: a VM whose port
+    is taken fails to start and the participant's next VM takes over.)"""
     assert stack.local is not None
     wanted = [(stack.aggregator.port, f"{PROJECT}:aggregator.port", local.aggregator)]
-    for index, participant in enumerate(stack.participants):
-        vm = chosen[participant.name]
-        j = next(j for j, spec in enumerate(participant.vms) if spec.name == vm.name)
-        wanted.append(
-            (vm.port or 0, f"{PROJECT}:participants[{index}].vms[{j}].port", local.vm_home(vm.name))
-        )
     for port, key, home in wanted:
         if supervision.status("", localstack.socket_path(home, "supervisor"), timeout=1.0).reachable:
             continue  # that host's services run (a `fedfleet configure` before); the playbook checks them

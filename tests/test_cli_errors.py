@@ -84,12 +84,12 @@ def test_port_in_use_names_the_key(make_project):
     project = make_project(local_config(ports=ports))
     before = earlier_run(project)
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", ports[3]))
+        squatter.bind(("127.0.0.1", ports[0]))
         squatter.listen()
         result = fedfleet(project, "run")
     assert result.returncode == 4
-    assert f"port 127.0.0.1:{ports[3]}" in result.stderr
-    assert "fedfleet:participants[1].vms[0].port) is already in use" in result.stderr
+    assert f"port 127.0.0.1:{ports[0]}" in result.stderr
+    assert "fedfleet:aggregator.port) is already in use" in result.stderr
     assert_nothing_left(project, before)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 from fedfleet_app.task import build_model
 
 from fedfleet.processes import tree
-from fedfleet.sandbox import local_config
+from fedfleet.sandbox import free_ports, local_config
 
 from .conftest import running_processes_mentioning
 from .test_cli_errors import earlier_run
@@ -134,6 +135,27 @@ def test_serving_vm_killed_in_round_2_is_replaced_and_the_run_completes(make_pro
     assert set(rounds[3]["metrics"]) == {"loss", "accuracy", "f1", "precision", "recall"}
     run_dir = project / "runs" / summary["run_id"]
     assert (run_dir / "logs" / "asia-vm-2-flower-supernode.log").stat().st_size > 0
+    assert running_processes_mentioning(str(project)) == []
+
+
+def test_a_vm_whose_supernode_cannot_start_hands_over_to_the_next(make_project):
+    ports = free_ports(7)
+    project = make_project(local_config(ports=ports))
+    with socket.socket() as squatter:  # asia-vm-1's SuperNode port is taken
+        squatter.bind(("127.0.0.1", ports[3]))
+        squatter.listen()
+        proc = start_run(project, "--rounds", "1", "--json")
+        out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert {p["name"]: p["vm"] for p in summary["participants"]}["hospital-asia"] == "asia-vm-2"
+    first, second = summary["orchestration"]["tried"]["hospital-asia"]
+    assert first["vm"] == "asia-vm-1" and f"port {ports[3]} on asia-vm-1 is already in use" in first["error"]
+    assert second == {**second, "vm": "asia-vm-2", "error": ""}
+    assert {s["vm"] for s in summary["rounds"][1]["sites"]["train"]} == {"us-vm-1", "asia-vm-2", "eu-vm-1"}
+    # The next run starts after the VM that served.
+    rotation = json.loads((project / ".fedfleet" / "local" / "rotation.json").read_text())
+    assert rotation["positions"]["hospital-asia"] == 0  # after asia-vm-2: back to asia-vm-1
     assert running_processes_mentioning(str(project)) == []
 
 
