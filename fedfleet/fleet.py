@@ -72,7 +72,7 @@ class Failover:
             "participant": self.participant,
             "lost_vm": self.lost_vm,
             "why": self.why,
-            "node_id": self.node_id,
+            "node_id": None if self.node_id is None else str(self.node_id),
             "detected_at": self.detected_at,
             "replacement": self.replacement,
             "replacement_online_at": self.online_at,

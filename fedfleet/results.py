@@ -98,6 +98,11 @@ class RunState:
                 {"round": event.get("round"), "phase": event.get("phase"), **e}
                 for e in event.get("errors", [])
             )
+        elif kind == "lost":  # nodes fedfleet reported lost: their replies were given up
+            self.errors.extend(
+                {"round": self.current_round, "node": n, "reason": "SuperNode lost; reply given up"}
+                for n in event.get("nodes", [])
+            )
         elif kind == "finished":
             self.status, self.finished = "finished", at
         elif kind == "failed":

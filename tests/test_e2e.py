@@ -132,6 +132,7 @@ def test_serving_vm_killed_in_round_2_is_replaced_and_the_run_completes(make_pro
     served = {s["participant"]: s["vm"] for s in rounds[3]["sites"]["train"]}
     assert served == {"hospital-us": "us-vm-1", "hospital-asia": "asia-vm-2", "hospital-eu": "eu-vm-1"}
     assert {s["participant"] for s in rounds[2]["sites"]["train"]} == {"hospital-us", "hospital-eu"}
+    assert [(e["round"], str(e["node"])) for e in summary["errors"]] == [(2, failover["node_id"])]
     assert set(rounds[3]["metrics"]) == {"loss", "accuracy", "f1", "precision", "recall"}
     run_dir = project / "runs" / summary["run_id"]
     assert (run_dir / "logs" / "asia-vm-2-flower-supernode.log").stat().st_size > 0

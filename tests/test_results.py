@@ -90,3 +90,10 @@ def test_failure_and_errors_are_kept():
     assert state.status == "failed" and "RoundFailed" in (state.error or "")
     assert state.errors == [{"round": 1, "phase": "train", "node": 7, "code": 0, "reason": "boom"}]
     assert state.completed_rounds == 0 and state.best_round() is None
+
+
+def test_a_lost_node_is_kept_with_the_round_it_was_given_up_in():
+    state = RunState(3)
+    state.apply({"event": "round-start", "round": 2, "time": 1.0, "nodes": [5, 6]})
+    state.apply({"event": "lost", "time": 2.0, "nodes": [6]})
+    assert state.errors == [{"round": 2, "node": 6, "reason": "SuperNode lost; reply given up"}]

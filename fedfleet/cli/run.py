@@ -148,6 +148,26 @@ def _print_result(console: Console, summary: dict[str, Any]) -> None:
             f"best round {best['round']}: accuracy {m['accuracy']:.1%}, F1 {m['f1']:.3f}, "
             f"loss {m['loss']:.3f} → {run_dir / best['model']}"
         )
-    served = ", ".join(f"{p['name']} on {p['vm']}" for p in summary["participants"])
+    orchestration = summary.get("orchestration") or {}
+    later: dict[str, list[str]] = {}
+    for event in orchestration.get("failovers", []):
+        if event["replacement"]:
+            later.setdefault(event["participant"], []).append(event["replacement"])
+    served = ", ".join(
+        f"{p['name']} on {' then '.join([p['vm'], *later.get(p['name'], [])])}"
+        for p in summary["participants"]
+    )
     console.print(f"served by: {served}")
+    for participant, attempts in orchestration.get("tried", {}).items():
+        for attempt in attempts:
+            if attempt["error"]:
+                reason = attempt["error"].splitlines()[0]
+                console.print(f"[yellow]skipped[/] {attempt['vm']} ({participant}): {escape(reason)}")
+    for event in orchestration.get("failovers", []):
+        took = event["replacement_seconds"]
+        console.print(
+            f"[yellow]failover[/] {event['lost_vm']} ({event['participant']}) lost: "
+            f"{escape(event['why'].splitlines()[0])} → "
+            + (f"{event['replacement']} online {took:.1f} s later" if event["replacement"] else "no VM left")
+        )
     console.print(f"summary: {run_dir / 'summary.json'}")
