@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from fedfleet import configure
 from fedfleet.errors import ConfigError
 from fedfleet.orchestrator import _free_disk_gib
 from fedfleet.sandbox import local_config, scratch_project
@@ -89,3 +91,25 @@ def test_a_run_without_a_usable_vm_for_a_participant_starts_nothing(tmp_path: Pa
     assert "eu-vm-2: below the minimum: 1 GiB memory < 2" in err
     assert "No process was started" in err
     assert_nothing_left(project, before)
+
+
+def test_a_probe_that_hangs_ends_at_its_deadline():
+    # A "VM" that accepts SSH connections and then says nothing, beside a healthy one.
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        port = hung.getsockname()[1]
+        participant = {
+            "hung-vm": {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": port},
+            "ok-vm": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
+        }
+        hosts = {
+            "all": {
+                "vars": {"fedfleet_probe_timeout": 3},
+                "children": {"participants": {"children": {"participant_x": {"hosts": participant}}}},
+            }
+        }
+        result = configure.apply(configure.PROBE, hosts, check=False)
+    (problem,) = result.problems
+    assert problem.host == "hung-vm" and "Timed out after 3 second(s)" in problem.message
+    assert set(result.facts) == {"ok-vm"}
