@@ -113,6 +113,7 @@ class Fleet:
         self.say = say
         self.serving: dict[str, VM] = {}
         self.node_ids: dict[str, int] = {}  # vm -> the node ID it connected with
+        self.pids: dict[str, int] = {}  # vm -> pid of the SuperNode that connected
         self.used: list[str] = []  # every VM a SuperNode was started on (stop, logs)
         self.tried: dict[str, list[Attempt]] = {p: [] for p in order}
         self.failovers: list[Failover] = []
@@ -212,12 +213,14 @@ class Fleet:
         errors: dict[str, str] = {}
         while waiting:
             for vm, offset in list(waiting.items()):
+                status = self._status(vm, self._home(vm))
                 node_id = _node_id(self._log(vm), offset)
                 if node_id is not None:
                     self.node_ids[vm] = node_id
+                    self.pids[vm] = status.pids.get("flower-supernode", 0)
                     del waiting[vm]
                     continue
-                why = self._status(vm, self._home(vm)).down("flower-supernode")
+                why = status.down("flower-supernode")
                 if why is not None:
                     errors[vm] = self._explain(why, self._log(vm))
                     del waiting[vm]
@@ -264,7 +267,16 @@ class Fleet:
             log = self.local.aggregator / "supervisor" / "flower-superlink.log"
             raise RunFailed(self._explain(why, log))
         for participant, vm in list(self.serving.items()):
-            why = self._status(f"{vm.name} ({participant})", self._home(vm.name)).down("flower-supernode")
+            status = self._status(f"{vm.name} ({participant})", self._home(vm.name))
+            why = status.down("flower-supernode")
+            pid = status.pids.get("flower-supernode", 0)
+            if why is None and pid != self.pids.get(vm.name, pid):
+                # Restarted by its supervisor after a crash: with node authentication the
+                # SuperLink refuses its key until the old session expires (about 60 s).
+                why = (
+                    f"flower-supernode on {vm.name} ({participant}) exited and was restarted "
+                    f"(pid {self.pids[vm.name]} → {pid}); its node cannot rejoin for about 60 s"
+                )
             if why is not None:
                 self.fail_over(participant, vm.name, why)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.client
 import socket
 import xmlrpc.client
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 RUNNING_STATES = frozenset({"RUNNING", "STARTING", "BACKOFF"})
@@ -22,6 +22,7 @@ class HostStatus:
     host: str
     reachable: bool
     programs: dict[str, str]  # program name -> supervisor state (RUNNING, FATAL, ...)
+    pids: dict[str, int] = field(default_factory=dict)  # program name -> pid (0: not running)
 
     def down(self, program: str) -> str | None:
         """Why `program` is not running on this host, or None if it runs."""
@@ -68,4 +69,9 @@ def status(host: str, socket_path: Path, timeout: float = 3.0) -> HostStatus:
         infos = proxy.supervisor.getAllProcessInfo()
     except (OSError, xmlrpc.client.Error, http.client.HTTPException):
         return HostStatus(host, False, {})
-    return HostStatus(host, True, {str(i["name"]): str(i["statename"]) for i in infos})  # type: ignore[union-attr]
+    return HostStatus(
+        host,
+        True,
+        {str(i["name"]): str(i["statename"]) for i in infos},  # type: ignore[union-attr]
+        {str(i["name"]): int(i["pid"]) for i in infos},  # type: ignore[union-attr]
+    )

@@ -108,32 +108,46 @@ def started_round(project: Path, n: int) -> bool:
     return any(e["event"] == "round-start" and e["round"] == n for e in server_events(project))
 
 
-def test_serving_vm_killed_in_round_2_is_replaced_and_the_run_completes(make_project):
+def test_lost_vms_are_replaced_and_the_run_completes(make_project):
     project = make_project()  # two VMs per participant
-    proc = start_run(project, "--rounds", "3", "--json")
+    proc = start_run(project, "--rounds", "4", "--json")
+    # Round 2: hospital-asia's serving VM dies (its supervisor, SuperNode and worker).
     wait_until(lambda: started_round(project, 2), 300, "round 2", proc)
     killed_at = time.time()
     kill_vm(project, "asia-vm-1")
+    # Round 3: only hospital-us's SuperNode process dies (its supervisor restarts it).
+    wait_until(lambda: started_round(project, 3), 300, "round 3", proc)
+    (supernode,) = [
+        int(line.split(":")[0])
+        for line in running_processes_mentioning(str(project / ".fedfleet" / "local" / "vms" / "us-vm-1"))
+        if "bin/flower-supernode" in line
+    ]
+    os.kill(supernode, signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     summary = json.loads(out)
-    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
-    (failover,) = summary["orchestration"]["failovers"]
-    assert failover["participant"] == "hospital-asia" and failover["lost_vm"] == "asia-vm-1"
-    assert "the supervisor of asia-vm-1 (hospital-asia) does not answer" in failover["why"]
-    assert failover["replacement"] == "asia-vm-2" and failover["node_id"] is not None
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 4
+    vm_lost, process_lost = summary["orchestration"]["failovers"]
+    assert vm_lost["participant"] == "hospital-asia" and vm_lost["lost_vm"] == "asia-vm-1"
+    assert "the supervisor of asia-vm-1 (hospital-asia) does not answer" in vm_lost["why"]
+    assert vm_lost["replacement"] == "asia-vm-2" and vm_lost["node_id"] is not None
+    assert process_lost["lost_vm"] == "us-vm-1" and process_lost["replacement"] == "us-vm-2"
+    assert "exited and was restarted" in process_lost["why"]
     # Noticed far sooner than Flower's heartbeat (60 s), replaced while the run went on.
-    detected = failover["detected_at"] - killed_at
-    recovered = failover["replacement_online_at"] - killed_at
+    detected = vm_lost["detected_at"] - killed_at
+    recovered = vm_lost["replacement_online_at"] - killed_at
     print(f"killed asia-vm-1: detected after {detected:.1f} s, replacement online after {recovered:.1f} s")
     assert 0 <= detected < 10 and recovered < 60
     rounds = {r["round"]: r for r in summary["rounds"]}
-    # Round 2 went on without the lost node; hospital-asia is back, from asia-vm-2, in round 3.
-    served = {s["participant"]: s["vm"] for s in rounds[3]["sites"]["train"]}
-    assert served == {"hospital-us": "us-vm-1", "hospital-asia": "asia-vm-2", "hospital-eu": "eu-vm-1"}
-    assert {s["participant"] for s in rounds[2]["sites"]["train"]} == {"hospital-us", "hospital-eu"}
-    assert [(e["round"], str(e["node"])) for e in summary["errors"]] == [(2, failover["node_id"])]
-    assert set(rounds[3]["metrics"]) == {"loss", "accuracy", "f1", "precision", "recall"}
+    # Each round went on without the lost node; the participant is back in the next round.
+    served = {r: {s["participant"]: s["vm"] for s in rounds[r]["sites"]["train"]} for r in rounds if r}
+    assert served[1] == {"hospital-us": "us-vm-1", "hospital-asia": "asia-vm-1", "hospital-eu": "eu-vm-1"}
+    assert served[2] == {"hospital-us": "us-vm-1", "hospital-eu": "eu-vm-1"}
+    assert served[3] == {"hospital-asia": "asia-vm-2", "hospital-eu": "eu-vm-1"}
+    assert served[4] == {"hospital-us": "us-vm-2", "hospital-asia": "asia-vm-2", "hospital-eu": "eu-vm-1"}
+    lost = [(e["round"], str(e["node"])) for e in summary["errors"]]
+    assert lost == [(2, vm_lost["node_id"]), (3, process_lost["node_id"])]
+    assert set(rounds[4]["metrics"]) == {"loss", "accuracy", "f1", "precision", "recall"}
     run_dir = project / "runs" / summary["run_id"]
     assert (run_dir / "logs" / "asia-vm-2-flower-supernode.log").stat().st_size > 0
     assert running_processes_mentioning(str(project)) == []
