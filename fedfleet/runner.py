@@ -88,9 +88,10 @@ def run(
     if not stack.is_local:
         raise EnvironmentProblem(
             f"stack {stack_name!r} is a cloud stack (it has no fedfleet:local section): `fedfleet run` "
-            "drives local stacks only so far. Runs on cloud VMs need the Pulumi programs and "
-            "Ansible playbooks (not built yet) and `pulumi up` on a machine with the Pulumi CLI "
-            "and cloud credentials. Use --stack local"
+            "drives local stacks only so far. On a machine with the Pulumi CLI and the clouds' "
+            f"credentials, `fedfleet up --stack {stack_name}` creates the VMs and `fedfleet configure "
+            f"--stack {stack_name}` starts Flower on them; submitting runs to cloud VMs (and failing "
+            "over there) is not built yet. Use --stack local"
         )
     settings = stack.app
     if rounds is not None:
