@@ -114,6 +114,7 @@ class Fleet:
         self.serving: dict[str, VM] = {}
         self.node_ids: dict[str, int] = {}  # vm -> the node ID it connected with
         self.pids: dict[str, int] = {}  # vm -> pid of the SuperNode that connected
+        self.misses: dict[str, int] = {}  # vm -> supervisor calls in a row without an answer
         self.used: list[str] = []  # every VM a SuperNode was started on (stop, logs)
         self.tried: dict[str, list[Attempt]] = {p: [] for p in order}
         self.failovers: list[Failover] = []
@@ -136,8 +137,8 @@ class Fleet:
     def _log(self, vm: str) -> Path:
         return self._home(vm) / "supervisor" / "flower-supernode.log"
 
-    def _status(self, host: str, home: Path) -> supervision.HostStatus:
-        return supervision.status(host, localstack.socket_path(home, "supervisor"), timeout=1.0)
+    def _status(self, host: str, home: Path, timeout: float = 1.0) -> supervision.HostStatus:
+        return supervision.status(host, localstack.socket_path(home, "supervisor"), timeout=timeout)
 
     # -- start -----------------------------------------------------------------------
 
@@ -163,7 +164,9 @@ class Fleet:
         """Start SuperNodes on `wanted` (participant -> VM); for each that fails, the
         participant's next VM, until one serves or none is left."""
         while wanted:
-            offsets = {vm: _size(self._log(vm)) for vm in wanted.values()}
+            # Where to look for the node ID: after the log's current end, unless the play
+            # leaves a SuperNode that already runs (and connected before) as it is.
+            offsets = {vm: (_size(self._log(vm)), self._supernode_pid(vm)) for vm in wanted.values()}
             for participant, vm in wanted.items():
                 self.serving[participant] = self.inventory.vm(vm)
                 if vm not in self.used:
@@ -206,18 +209,24 @@ class Fleet:
                     self.say("retry", f"{vm} ({participant}): {attempt.error}; trying {retry[participant]}")
             wanted = retry
 
-    def _await_connection(self, offsets: dict[str, int]) -> dict[str, str]:
+    def _supernode_pid(self, vm: str) -> int:
+        return self._status(vm, self._home(vm)).pids.get("flower-supernode", 0)
+
+    def _await_connection(self, offsets: dict[str, tuple[int, int]]) -> dict[str, str]:
         """Wait until each VM's SuperNode logs its node ID; the VMs that did not, with why."""
         deadline = time.monotonic() + self.stack.orchestrator.connect_timeout
         waiting = dict(offsets)
         errors: dict[str, str] = {}
         while waiting:
-            for vm, offset in list(waiting.items()):
+            for vm, offset in list(waiting.items()):  # offset: (log size, SuperNode pid) before the play
                 status = self._status(vm, self._home(vm))
-                node_id = _node_id(self._log(vm), offset)
+                pid = status.pids.get("flower-supernode", 0)
+                end, pid_before = offset
+                node_id = _node_id(self._log(vm), 0 if pid and pid == pid_before else end)
                 if node_id is not None:
                     self.node_ids[vm] = node_id
-                    self.pids[vm] = status.pids.get("flower-supernode", 0)
+                    if pid:
+                        self.pids[vm] = pid
                     del waiting[vm]
                     continue
                 why = status.down("flower-supernode")
@@ -261,16 +270,20 @@ class Fleet:
 
     def check(self) -> None:
         """Raise RunFailed if the aggregator is down; replace any SuperNode that is."""
-        agg = self._status("aggregator", self.local.aggregator)
+        agg = self._status("aggregator", self.local.aggregator, timeout=3.0)
         why = agg.down("flower-superlink")
         if why is not None:
             log = self.local.aggregator / "supervisor" / "flower-superlink.log"
             raise RunFailed(self._explain(why, log))
         for participant, vm in list(self.serving.items()):
             status = self._status(f"{vm.name} ({participant})", self._home(vm.name))
+            # One slow answer of a busy host is not a lost VM: two in a row are.
+            self.misses[vm.name] = 0 if status.reachable else self.misses.get(vm.name, 0) + 1
+            if 0 < self.misses[vm.name] < 2:
+                continue
             why = status.down("flower-supernode")
             pid = status.pids.get("flower-supernode", 0)
-            if why is None and pid != self.pids.get(vm.name, pid):
+            if why is None and self.pids.get(vm.name, 0) and pid != self.pids[vm.name]:
                 # Restarted by its supervisor after a crash: with node authentication the
                 # SuperLink refuses its key until the old session expires (about 60 s).
                 why = (

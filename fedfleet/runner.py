@@ -277,6 +277,11 @@ def _train(
             finally:
                 _stop_services(fleet.hosts(), marker, summary)
                 _collect_logs(local, inventory, fleet.used, run_dir)
+                if fleet.failovers and fleet.serving:  # the next run starts after the replacements
+                    orchestrator.record_served(
+                        stack, project_dir, selection["verdicts"],
+                        {p: vm.name for p, vm in fleet.serving.items()},
+                    )  # fmt: skip
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
         summary["error"] = "interrupted (Ctrl-C or SIGTERM); every process was stopped"

@@ -23,7 +23,7 @@ from fedfleet.processes import tree
 from fedfleet.sandbox import free_ports, local_config
 
 from .conftest import running_processes_mentioning
-from .test_cli_errors import earlier_run
+from .test_cli_errors import earlier_run, fedfleet
 
 pytestmark = pytest.mark.e2e
 
@@ -171,6 +171,25 @@ def test_a_vm_whose_supernode_cannot_start_hands_over_to_the_next(make_project):
     # The next run starts after the VM that served.
     rotation = json.loads((project / ".fedfleet" / "local" / "rotation.json").read_text())
     assert rotation["positions"]["hospital-asia"] == 0  # after asia-vm-2: back to asia-vm-1
+    assert running_processes_mentioning(str(project)) == []
+
+
+def test_a_run_after_configure_takes_the_supernodes_already_running(make_project):
+    project = make_project()
+    configured = fedfleet(project, "configure", "--json", timeout=300)
+    assert configured.returncode == 0, configured.stderr
+    # Those SuperNodes connected during `configure`: the run's play leaves them as they
+    # are and the run accepts them (it does not wait for a new connection).
+    proc = start_run(project, "--rounds", "1", "--json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["status"] == "completed"
+    tried = summary["orchestration"]["tried"]
+    assert {p: [a["vm"] for a in attempts] for p, attempts in tried.items()} == {
+        "hospital-us": ["us-vm-1"], "hospital-asia": ["asia-vm-1"], "hospital-eu": ["eu-vm-1"],
+    }  # fmt: skip
+    assert summary["configure"]["hosts"]["us-vm-1"].get("changed", 0) == 0
     assert running_processes_mentioning(str(project)) == []
 
 

@@ -106,3 +106,25 @@ def test_fedfleet_writes_the_file_the_server_app_reads():
     from fedfleet.fleet import FLEET_FILE as WRITTEN
 
     assert WRITTEN == FLEET_FILE
+
+
+def test_one_sampling_asks_twice_and_gets_one_answer(tmp_path: Path):
+    control = tmp_path / FLEET_FILE
+    write_fleet(control, [], 3)
+    inner = FakeGrid([1, 2, 3])
+    grid = PromptGrid(inner, fleet=Fleet(control, 2), min_nodes=2)
+    first = list(grid.get_node_ids())
+    write_fleet(control, [2], 3)  # lost between Flower's two calls of one sampling
+    assert list(grid.get_node_ids()) == first == [1, 2, 3]
+    # Its message is then given up at once, and the next sampling sees the loss.
+    replies = grid.send_and_receive([message(1), message(2), message(3)], timeout=600)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m1", "m3"]
+    write_fleet(control, [2], 2)
+    assert sorted(grid.get_node_ids()) == [1, 3]
+
+
+def test_messages_flower_could_not_push_get_no_wait(tmp_path: Path):
+    inner = FakeGrid([1, 2])
+    inner.push_messages = lambda messages: []  # as Flower does when the push is rejected
+    grid = PromptGrid(inner, fleet=Fleet(tmp_path / "absent.json", 2), min_nodes=2)
+    assert list(grid.send_and_receive([message(1), message(2)], timeout=600)) == []

@@ -88,6 +88,7 @@ class PromptGrid(Grid):
         self.min_nodes = min_nodes
         self.node_wait = node_wait
         self.emit = emit or (lambda *_, **__: None)
+        self._sampled: list[int] | None = None
 
     def set_run(self, run: Any) -> None:
         self._inner.set_run(run)
@@ -112,6 +113,14 @@ class PromptGrid(Grid):
         return [n for n in self._inner.get_node_ids() if n not in lost]
 
     def get_node_ids(self) -> Iterable[int]:
+        # Flower's strategies ask twice per sampling (how many, then which): both get the
+        # answer of one wait, so the wait is not doubled and the count cannot shrink between
+        # them (Flower would then wait forever). The next phase's send clears it.
+        if self._sampled is None:
+            self._sampled = self._wait_for_nodes()
+        return list(self._sampled)
+
+    def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + self.node_wait
         while True:
             nodes = self.connected()
@@ -139,10 +148,12 @@ class PromptGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         messages = list(messages)
+        self._sampled = None  # the next sampling waits afresh
         started = time.time()
         ids = list(self.push_messages(messages))
-        destination = dict(zip(ids, (m.metadata.dst_node_id for m in messages), strict=True))
-        pending = set(ids)
+        # Flower returns no IDs for messages it could not push (e.g. too large): no reply comes.
+        destination = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=False) if i}
+        pending = set(destination)
         pushed = time.time()
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
