@@ -203,10 +203,11 @@ class Fleet:
                 if not attempt.error:
                     continue
                 del self.serving[participant]
-                self._stop(vm)
                 if self.queue[participant]:
                     retry[participant] = self.queue[participant].pop(0)
                     self.say("retry", f"{vm} ({participant}): {attempt.error}; trying {retry[participant]}")
+            if errors:
+                self._stop(",".join(errors))  # what the failed VMs may have left running, in one play
             wanted = retry
 
     def _supernode_pid(self, vm: str) -> int:
@@ -247,10 +248,10 @@ class Fleet:
             time.sleep(CONNECT_POLL)
         return errors
 
-    def _stop(self, vm: str) -> None:
+    def _stop(self, vms: str) -> None:
         # If this fails, the run's ProcessGroup stops what is left (it carries the run's marker).
         with contextlib.suppress(FedfleetError):
-            configure.apply(configure.STOP, self.hosts(), limit=vm, envvars=self.envvars)
+            configure.apply(configure.STOP, self.hosts(), limit=vms, envvars=self.envvars)
 
     @staticmethod
     def _explain(why: str, log: Path) -> str:
