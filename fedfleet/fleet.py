@@ -301,29 +301,28 @@ class Fleet:
         del self.serving[participant]
         if event.node_id is not None:
             self.lost_nodes.append(event.node_id)
-        nxt = self.queue[participant][0] if self.queue[participant] else None
-        if nxt is None:
-            self.expected -= 1
+            self._tell()
+        queue = self.queue[participant]
+        self.say(
+            "failover",
+            f"{vm} ({participant}) lost: {why.splitlines()[0]}; next VM: {queue[0] if queue else 'none left'}",
+        )
+        if queue:
+            before = len(self.tried[participant])
+            self._launch({participant: queue.pop(0)}, with_aggregator=False)
+            event.attempts = self.tried[participant][before:]
+            self._stop(vm)  # whatever is left of it, if the VM still answers (after: recovery first)
+            if participant in self.serving:
+                event.replacement = self.serving[participant].name
+                event.online_at = time.time()
+                return
+        self.expected -= 1
+        self._tell()
+        self._give_up(participant, event)
+
+    def _tell(self) -> None:
         if self.control is not None:
             self.tell_server(self.control)
-        self.say(
-            "failover", f"{vm} ({participant}) lost: {why.splitlines()[0]}; next VM: {nxt or 'none left'}"
-        )
-        if nxt is None:
-            self._give_up(participant, event)
-            return
-        before = len(self.tried[participant])
-        self._launch({participant: self.queue[participant].pop(0)}, with_aggregator=False)
-        event.attempts = self.tried[participant][before:]
-        self._stop(vm)  # whatever is left of it, if the VM still answers (after: recovery first)
-        if participant in self.serving:
-            event.replacement = self.serving[participant].name
-            event.online_at = time.time()
-        else:
-            self.expected -= 1
-            if self.control is not None:
-                self.tell_server(self.control)
-            self._give_up(participant, event)
 
     def _give_up(self, participant: str, event: Failover) -> None:
         minimum = self.stack.app.min_participants

@@ -236,6 +236,12 @@ def _train(
     }
     cli = configure.prepare_controller(stack, inventory, project_dir)
     fleet: Fleet | None = None
+
+    def remember_served() -> None:
+        assert fleet is not None
+        served = {p: vm.name for p, vm in fleet.serving.items()}
+        orchestrator.record_served(stack, project_dir, selection["verdicts"], served)
+
     try:
         with ProcessGroup(local.pidfile) as procs:
             # Everything the playbook starts carries this run's marker: if the stop
@@ -257,10 +263,7 @@ def _train(
                     summary["configure"] = fleet.configure_report
                 for entry in summary["participants"]:
                     entry["vm"] = fleet.serving[entry["name"]].name
-                orchestrator.record_served(
-                    stack, project_dir, selection["verdicts"],
-                    {p: vm.name for p, vm in fleet.serving.items()},
-                )  # fmt: skip
+                remember_served()
                 timings.mark("configured")
                 fleet.tell_server(server_out / FLEET_FILE)
                 run_config = flower.write_run_config(run_dir / "run_config.toml", settings.to_run_config())
@@ -278,10 +281,7 @@ def _train(
                 _stop_services(fleet.hosts(), marker, summary)
                 _collect_logs(local, inventory, fleet.used, run_dir)
                 if fleet.failovers and fleet.serving:  # the next run starts after the replacements
-                    orchestrator.record_served(
-                        stack, project_dir, selection["verdicts"],
-                        {p: vm.name for p, vm in fleet.serving.items()},
-                    )  # fmt: skip
+                    remember_served()
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
         summary["error"] = "interrupted (Ctrl-C or SIGTERM); every process was stopped"
