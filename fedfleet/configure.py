@@ -240,6 +240,10 @@ def _vm_vars(stack: StackConfig, project_dir: Path, vm: VM) -> dict[str, Any]:
             "flower_supernode_runtime_port": vm.port,
             "flower_supernode_worker_enabled": bool(stack.local and stack.local.warm_workers),
             "flower_supernode_worker_socket": str(localstack.socket_path(home, "worker")),
+            # Namespaces mode: the VM's services run in its own network namespace.
+            "flower_common_netns": net.namespace(vm.name)
+            if (net := localstack.network(stack, project_dir))
+            else "",
         }
     data = Path(participant.data_path)
     return common | {
@@ -404,7 +408,7 @@ def configure_stack(
     lock = localstack.locked(localstack.paths(stack, project_dir)) if stack.is_local else nullcontext()
     with lock:
         if stack.is_local:
-            inventory = localstack.up(stack, project_dir)
+            inventory = localstack.up(stack, project_dir, with_network=playbook == SITE)
             if playbook == SITE:
                 prepare_data(stack, project_dir, stack.app)  # the emulated sites' own data
         else:
@@ -415,6 +419,8 @@ def configure_stack(
             prepare_controller(stack, inventory, project_dir)
         hosts = ansible_inventory(stack, inventory, project_dir, chosen, flwr_bin=flower.tool("flwr"))
         result = apply(playbook, hosts, limit=limit, progress=progress)
+        if stack.is_local and playbook == STOP and limit is None:
+            localstack.down_network(stack, project_dir)  # namespaces mode: nothing runs there now
     report = {"stack": stack.name, "limit": limit, **result.to_dict()}
     ctl.root.mkdir(parents=True, exist_ok=True)
     (ctl.root / f"{Path(playbook).stem}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -127,6 +127,7 @@ def destroy(t: Target, echo: Callable[[str], None]) -> None:
             from .configure import STOP, configure_stack
 
             configure_stack(t.project, t.stack.name, playbook=STOP)  # services started by `configure`
+        localstack.down_network(t.stack, t.project)
         if local.root.exists():
             shutil.rmtree(local.root)
         echo(f"local stack {t.stack.name}: removed {local.root} (VM disks, keys, certificates, database)")

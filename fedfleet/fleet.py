@@ -12,7 +12,9 @@
   into the ServerApp's `fleet.json` (the ServerApp stops waiting for its replies and
   waits, bounded, for the replacement when it samples the next round), and a
   replacement starts on the participant's next VM while the run goes on. Flower alone
-  would notice only when the node's heartbeat expires (up to 60 s).
+  would notice only when the node's heartbeat expires (up to 60 s). In the local
+  stack's namespaces mode each VM has its own network link, and a VM whose link does
+  not answer (`supervision.link_answers`) is lost too, though its SuperNode still runs.
 
 Local hosts only so far (node IDs are read from the SuperNode's log, services from the
 host's supervisor): `fedfleet run` drives the local stack.
@@ -39,6 +41,7 @@ from .stack import StackConfig
 FLEET_FILE = "fleet.json"  # the ServerApp reads it (fedfleet_app.server_app.FLEET_FILE)
 NODE_ID = re.compile(rb"SuperNode ID: (\d+)")
 CONNECT_POLL = 0.2
+LINK_TIMEOUT = 0.5  # seconds a VM's link may take to answer (namespaces mode; a kernel replies)
 
 # Flower's exit codes, as printed in the process log ("Exit Code: 305").
 EXIT_HINTS = {
@@ -107,6 +110,9 @@ class Fleet:
         self.inventory = inventory
         self.project_dir = project_dir
         self.local = localstack.paths(stack, project_dir)
+        # Namespaces mode: each VM has its own network link, checked over its address.
+        net = localstack.network(stack, project_dir)
+        self.links: dict[str, str] = dict(net.vms) if net else {}
         self.queue = {p: list(vms) for p, vms in order.items()}  # untried VMs, in order
         self.envvars = envvars
         self.progress = progress
@@ -278,11 +284,13 @@ class Fleet:
             raise RunFailed(self._explain(why, log))
         for participant, vm in list(self.serving.items()):
             status = self._status(f"{vm.name} ({participant})", self._home(vm.name))
+            cut = self._link_cut(vm.name, participant)
             # One slow answer of a busy host is not a lost VM: two in a row are.
-            self.misses[vm.name] = 0 if status.reachable else self.misses.get(vm.name, 0) + 1
+            answered = status.reachable and cut is None
+            self.misses[vm.name] = 0 if answered else self.misses.get(vm.name, 0) + 1
             if 0 < self.misses[vm.name] < 2:
                 continue
-            why = status.down("flower-supernode")
+            why = cut or status.down("flower-supernode")
             pid = status.pids.get("flower-supernode", 0)
             if why is None and self.pids.get(vm.name, 0) and pid != self.pids[vm.name]:
                 # Restarted by its supervisor after a crash: with node authentication the
@@ -293,6 +301,16 @@ class Fleet:
                 )
             if why is not None:
                 self.fail_over(participant, vm.name, why)
+
+    def _link_cut(self, vm: str, participant: str) -> str | None:
+        """Why the VM does not answer over its network link (namespaces mode), or None."""
+        address = self.links.get(vm)
+        if address is None or supervision.link_answers(address, timeout=LINK_TIMEOUT):
+            return None
+        return (
+            f"{vm} ({participant}) does not answer over its network link ({address}: no reply "
+            f"within {LINK_TIMEOUT:g} s); its SuperNode cannot reach the SuperLink"
+        )
 
     def fail_over(self, participant: str, vm: str, why: str) -> None:
         """Give up `vm` (the ServerApp stops waiting for it) and start the participant's next VM."""
@@ -311,10 +329,11 @@ class Fleet:
             before = len(self.tried[participant])
             self._launch({participant: queue.pop(0)}, with_aggregator=False)
             event.attempts = self.tried[participant][before:]
-            self._stop(vm)  # whatever is left of it, if the VM still answers (after: recovery first)
             if participant in self.serving:
                 event.replacement = self.serving[participant].name
                 event.online_at = time.time()
+            self._stop(vm)  # whatever is left of it, if the VM still answers (after: recovery first)
+            if participant in self.serving:
                 return
         self.expected -= 1
         self._tell()

@@ -14,6 +14,9 @@ Layout under the stack root (`fedfleet:local.root`, default `.fedfleet/<stack>`)
     vms/<vm>/     supernode/ supervisor/ log/                     (each VM's disk)
     sites/<participant>/data/                (default data paths, relative to the root)
     lock  pids.json  inventory.json
+
+With `fedfleet:local.network: namespaces` the VMs also get their own network namespaces
+on a private bridge (`localnet`); `up` creates them, `down_network` removes them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import localnet
 from .errors import EnvironmentProblem
 from .inventory import VM, AggregatorHost, Inventory
 from .pki import ServerTLS
@@ -107,10 +111,14 @@ def locked(local: LocalPaths) -> Iterator[None]:
         os.close(fd)
 
 
-def up(stack: StackConfig, project_dir: Path) -> Inventory:
-    """Create (or reuse) the emulated VMs' disks and the stack's TLS material; return the inventory."""
+def up(stack: StackConfig, project_dir: Path, *, with_network: bool = True) -> Inventory:
+    """Create (or reuse) the emulated VMs' disks and network; return the inventory (the same
+    addresses without `with_network`, for commands that start nothing)."""
     local = paths(stack, project_dir)
     assert stack.local is not None
+    net = network(stack, project_dir)
+    if net is not None and with_network:
+        localnet.ensure(net)
     participants: dict[str, tuple[VM, ...]] = {}
     for participant in stack.participants:
         vms = []
@@ -123,7 +131,7 @@ def up(stack: StackConfig, project_dir: Path) -> Inventory:
                     participant=participant.name,
                     cloud=participant.cloud,
                     region=participant.region,
-                    private_ip=stack.local.host,
+                    private_ip=net.vms[spec.name] if net else stack.local.host,
                     public_ip=None,
                     vcpu=spec.vcpu,
                     memory_gib=spec.memory_gib,
@@ -141,7 +149,7 @@ def up(stack: StackConfig, project_dir: Path) -> Inventory:
             cloud="local",  # emulated here; the planned placement is in stack.aggregator
             region="local",
             instance_type="local",
-            address=stack.local.host,
+            address=net.gateway if net else stack.local.host,
             port=stack.aggregator.port,
             home=str(local.aggregator),
         ),
@@ -149,6 +157,17 @@ def up(stack: StackConfig, project_dir: Path) -> Inventory:
     )
     (local.root / "inventory.json").write_text(json.dumps(inventory.to_dict(), indent=2) + "\n")
     return inventory
+
+
+def network(stack: StackConfig, project_dir: Path) -> localnet.Network | None:
+    """The VMs' network namespaces and bridge (`fedfleet:local.network: namespaces`), or None."""
+    return localnet.plan(stack, paths(stack, project_dir).root)
+
+
+def down_network(stack: StackConfig, project_dir: Path) -> list[str]:
+    """Delete the VMs' namespaces and bridge, if the stack has them (after its services stopped)."""
+    net = network(stack, project_dir)
+    return localnet.remove(net) if net is not None else []
 
 
 def server_tls(stack: StackConfig, project_dir: Path) -> ServerTLS:

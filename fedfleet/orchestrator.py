@@ -73,7 +73,7 @@ def vms_report(project_dir: Path, stack_name: str) -> dict[str, Any]:
     stack = load_stack(project_dir, stack_name)
     if stack.is_local:
         with localstack.locked(localstack.paths(stack, project_dir)):
-            inventory = localstack.up(stack, project_dir)
+            inventory = localstack.up(stack, project_dir, with_network=False)
     else:
         inventory = configure._saved_inventory(stack, project_dir)
     verdicts = probe(stack, inventory, project_dir)

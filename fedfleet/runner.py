@@ -126,7 +126,7 @@ def run(
         )
         observer.stage("check", "data and ports")
         site_counts = prepare_data(stack, project_dir, settings)
-        _check_ports(stack, localstack.paths(stack, project_dir))
+        _check_ports(stack, localstack.paths(stack, project_dir), inventory.aggregator.address)
         timings.mark("setup")
         vms = {
             p: [{"vm": v.probe.vm, "usable": v.usable, "why_not": v.reason or None} for v in vs]
@@ -162,7 +162,7 @@ def prepare_data(stack: StackConfig, project_dir: Path, settings: AppSettings) -
     return counts
 
 
-def _check_ports(stack: StackConfig, local: localstack.LocalPaths) -> None:
+def _check_ports(stack: StackConfig, local: localstack.LocalPaths, address: str) -> None:
     """The SuperLink's port is free, or held by the aggregator's own running service.
 
     (A participant VM's port is checked by the SuperNode role's preflight: a VM whose port
@@ -177,10 +177,10 @@ def _check_ports(stack: StackConfig, local: localstack.LocalPaths) -> None:
             # must not count, a socket still listening must.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((stack.local.host, port))
+                probe.bind((address, port))
             except OSError as err:
                 raise EnvironmentProblem(
-                    f"port {stack.local.host}:{port} ({stack.path}: {key}) is already in use "
+                    f"port {address}:{port} ({stack.path}: {key}) is already in use "
                     f"({err.strerror}). Stop whatever listens there (`ss -ltnp 'sport = :{port}'` "
                     "shows it) or change that key to a free port"
                 ) from err
@@ -279,6 +279,7 @@ def _train(
                 raise
             finally:
                 _stop_services(fleet.hosts(), marker, summary)
+                localstack.down_network(stack, project_dir)
                 _collect_logs(local, inventory, fleet.used, run_dir)
                 if fleet.failovers and fleet.serving:  # the next run starts after the replacements
                     remember_served()

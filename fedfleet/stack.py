@@ -37,6 +37,7 @@ from .placement.problem import Currency, Requirements
 
 PROJECT = "fedfleet"
 LOCAL = "local"
+LOCAL_NETWORKS = ("loopback", "namespaces")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
 TOP_KEYS = ("aggregator", "participants", "data", "app", "placement", "operator", "local", "orchestrator")
 PLACEMENT_KEYS = (
@@ -110,6 +111,10 @@ class LocalSettings:
     root: str = ".fedfleet/{stack}"
     host: str = "127.0.0.1"
     warm_workers: bool = True
+    # "loopback": every emulated VM shares this machine's network. "namespaces": each VM
+    # has its own network namespace on a private bridge (its link can fail alone).
+    network: str = "loopback"
+    subnet: str = "10.231.0.0/24"  # namespaces: the bridge takes the first address, VMs the next
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,12 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
     orchestrator = _orchestrator(r.child("orchestrator", default={}))
     if local is not None:
         _check_ports(path, aggregator, participants)
+        vms = sum(len(p.vms) for p in participants)
+        if local.network == "namespaces" and ipaddress.ip_network(local.subnet).num_addresses - 2 < vms + 1:
+            raise ConfigError(
+                f"{path}: {PROJECT}:local.subnet: {local.subnet} has too few addresses for the bridge "
+                f"and {vms} VMs; use a larger network (like {LocalSettings.subnet})"
+            )
     return StackConfig(
         stack, path, aggregator, participants, app, demo, placement, local, operator, orchestrator
     )
@@ -536,7 +547,7 @@ def _names(r: _Reader, allowed: Sequence[str] | None = None) -> list[str]:
 def _local(r: _Reader) -> LocalSettings:
     if r.value is None:
         r = _Reader(r.path, r.key, {})
-    r.only(("root", "host", "warmWorkers"))
+    r.only(("root", "host", "warmWorkers", "network", "subnet"))
     host = r.text("host", "127.0.0.1")
     try:
         ip = ipaddress.ip_address(host)
@@ -549,7 +560,25 @@ def _local(r: _Reader) -> LocalSettings:
     warm = r.child("warmWorkers", True)
     if not isinstance(warm.value, bool):
         raise warm.fail(f"must be true or false (got {warm.value!r})")
-    return LocalSettings(root=r.text("root", LocalSettings.root), host=host, warm_workers=warm.value)
+    network = r.choice("network", LOCAL_NETWORKS, LocalSettings.network)
+    subnet_text = r.text("subnet", LocalSettings.subnet)
+    try:
+        subnet = ipaddress.ip_network(subnet_text)
+    except ValueError as err:
+        raise r.child("subnet").fail(
+            f"{subnet_text!r} is not a network (like {LocalSettings.subnet})"
+        ) from err
+    if not subnet.is_private or subnet.version != 4 or subnet.prefixlen > 28:
+        raise r.child("subnet").fail(
+            f"{subnet_text} must be a private IPv4 network of at least 16 addresses (like {LocalSettings.subnet})"
+        )
+    return LocalSettings(
+        root=r.text("root", LocalSettings.root),
+        host=host,
+        warm_workers=warm.value,
+        network=network,
+        subnet=str(subnet),
+    )
 
 
 def _check_ports(path: Path, aggregator: Aggregator, participants: Sequence[Participant]) -> None:

@@ -60,6 +60,19 @@ class _UnixTransport(xmlrpc.client.Transport):
         return _UnixConnection(self.path, self.timeout)
 
 
+def link_answers(address: str, port: int = 22, timeout: float = 1.0) -> bool:
+    """Whether a host answers over its network link: a TCP connection to `port` (SSH, a
+    VM's management port) accepted or refused - either way the host's network stack
+    replied. No reply within `timeout` (or no route): the link is cut or the host is down."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
 def status(host: str, socket_path: Path, timeout: float = 3.0) -> HostStatus:
     """The state of every program the host's supervisor runs (unreachable: an empty map)."""
     proxy = xmlrpc.client.ServerProxy(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,8 +20,10 @@ import pytest
 import torch
 from fedfleet_app.task import build_model
 
+from fedfleet import localnet, localstack
 from fedfleet.processes import tree
 from fedfleet.sandbox import free_ports, local_config
+from fedfleet.stack import load_stack
 
 from .conftest import running_processes_mentioning
 from .test_cli_errors import earlier_run, fedfleet
@@ -150,6 +153,76 @@ def test_lost_vms_are_replaced_and_the_run_completes(make_project):
     assert set(rounds[4]["metrics"]) == {"loss", "accuracy", "f1", "precision", "recall"}
     run_dir = project / "runs" / summary["run_id"]
     assert (run_dir / "logs" / "asia-vm-2-flower-supernode.log").stat().st_size > 0
+    assert running_processes_mentioning(str(project)) == []
+
+
+def _why_no_namespaces() -> str | None:
+    why = localnet.why_unavailable()
+    if why:
+        return why
+    probe = subprocess.run(["ip", "netns", "add", "ff-probe"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        return f"`ip netns add` is not allowed here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "ff-probe"], check=False)
+    return None
+
+
+def test_a_vm_whose_network_link_is_cut_is_replaced(make_project):
+    if why := _why_no_namespaces():
+        pytest.skip(f"network namespaces: {why}")
+    config = local_config()  # two VMs per participant, each in its own network namespace
+    config["fedfleet:local"] |= {
+        "network": "namespaces",
+        "subnet": f"10.231.{secrets.randbelow(200) + 20}.0/24",
+    }
+    project = make_project(config)
+    net = localstack.network(load_stack(project, "local"), project)
+    assert net is not None
+    proc = start_run(project, "--rounds", "3", "--json")
+    try:
+        wait_until(lambda: started_round(project, 2), 300, "round 2", proc)
+        # asia-vm-1's SuperNode runs in that VM's namespace: the SuperLink is reachable
+        # from there only over the VM's link, which is now cut (the VM itself runs on).
+        home = str(project / ".fedfleet" / "local" / "vms" / "asia-vm-1")
+        (supernode,) = [
+            int(line.split(":")[0])
+            for line in running_processes_mentioning(home)
+            if "bin/flower-supernode" in line
+        ]
+        where = subprocess.run(
+            ["ip", "netns", "identify", str(supernode)], capture_output=True, text=True, check=False
+        )
+        assert where.stdout.strip() == net.namespace("asia-vm-1")
+        cut_at = time.time()
+        localnet.set_link(net, "asia-vm-1", up=False)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        localstack.down_network(load_stack(project, "local"), project)  # only if the run did not
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    (cut,) = summary["orchestration"]["failovers"]
+    assert cut["lost_vm"] == "asia-vm-1" and cut["replacement"] == "asia-vm-2"
+    assert (
+        f"asia-vm-1 (hospital-asia) does not answer over its network link ({net.vms['asia-vm-1']}"
+        in cut["why"]
+    )
+    detected = cut["detected_at"] - cut_at
+    recovered = cut["replacement_online_at"] - cut_at
+    print(
+        f"cut asia-vm-1's link: detected after {detected:.1f} s, replacement online after {recovered:.1f} s"
+    )
+    assert 0 <= detected < 10 and recovered < 60  # Flower's heartbeat alone: up to 60 s to notice
+    served = {r["round"]: {s["vm"] for s in r["sites"]["train"]} for r in summary["rounds"] if r["round"]}
+    assert served[2] == {"us-vm-1", "eu-vm-1"} and served[3] == {"us-vm-1", "asia-vm-2", "eu-vm-1"}
+    assert [(e["round"], str(e["node"])) for e in summary["errors"]] == [(2, cut["node_id"])]
+    # The run removed the VMs' namespaces and bridge, and left no process.
+    assert localnet.namespaces_left([net.tag]) == []
+    assert (
+        subprocess.run(["ip", "link", "show", net.bridge], capture_output=True, check=False).returncode != 0
+    )
     assert running_processes_mentioning(str(project)) == []
 
 

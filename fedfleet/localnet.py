@@ -1,0 +1,142 @@
+"""The local stack's emulated network (`fedfleet:local.network: namespaces`).
+
+Each emulated VM gets its own network namespace, joined to this machine by a veth pair
+on a private bridge: the bridge holds the subnet's first address (the SuperLink listens
+there), the VMs the next ones, in stack-file order. A VM's supervisor runs inside its
+namespace (the `flower_common_netns` variable), so its SuperNode reaches the SuperLink
+only over that link, and the link can fail alone: `ip -n <namespace> link set eth0 down`
+cuts it as a real network fault would. Needs root and iproute2 (`ip`).
+
+Names carry a tag made from the stack's root directory, so two local stacks (or a test
+beside a developer's stack) never share a namespace or bridge; interface names stay
+within Linux's 15 characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EnvironmentProblem
+from .processes import terminate
+from .stack import PROJECT, StackConfig
+
+NETNS_DIR = Path("/run/netns")
+VM_INTERFACE = "eth0"
+
+
+def why_unavailable() -> str | None:
+    """Why namespaces cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "creating network namespaces needs root"
+    if shutil.which("ip") is None:
+        return "iproute2 (`ip`) is not installed"
+    return None
+
+
+@dataclass(frozen=True)
+class Network:
+    tag: str
+    bridge: str
+    gateway: str  # the bridge's address: where the SuperLink listens
+    prefixlen: int
+    vms: dict[str, str]  # vm -> its address
+
+    def namespace(self, vm: str) -> str:
+        return f"ff{self.tag}-{vm}"
+
+    def host_interface(self, vm: str) -> str:
+        return f"ffv{self.tag}{list(self.vms).index(vm)}"
+
+
+def plan(stack: StackConfig, root: Path) -> Network | None:
+    """The network of a local stack in namespaces mode (None in loopback mode)."""
+    if stack.local is None or stack.local.network != "namespaces":
+        return None
+    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:5]
+    subnet = ipaddress.ip_network(stack.local.subnet)
+    hosts = subnet.hosts()
+    gateway = str(next(hosts))
+    names = [vm.name for p in stack.participants for vm in p.vms]
+    return Network(tag, f"ffb{tag}", gateway, subnet.prefixlen, {vm: str(next(hosts)) for vm in names})
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise EnvironmentProblem(
+            f"`ip {' '.join(args)}` failed: {done.stderr.strip()}. {PROJECT}:local.network: namespaces "
+            "needs root and iproute2; set it to loopback to emulate the VMs on this machine's loopback"
+        )
+    return done
+
+
+def _exists(link: str, namespace: str | None = None) -> bool:
+    where = ("-n", namespace) if namespace else ()
+    return _ip(*where, "link", "show", link, check=False).returncode == 0
+
+
+def ensure(net: Network) -> None:
+    """Create what is missing of the bridge, the namespaces and their links; bring every
+    link up (a link cut in an earlier run comes back). Idempotent."""
+    why = why_unavailable()
+    if why:
+        raise EnvironmentProblem(
+            f"{PROJECT}:local.network is namespaces, but {why}. Run fedfleet as root (or with "
+            "CAP_NET_ADMIN), or set fedfleet:local.network to loopback"
+        )
+    if not _exists(net.bridge):
+        _ip("link", "add", net.bridge, "type", "bridge")
+    gateway = f"{net.gateway}/{net.prefixlen}"
+    if gateway not in _ip("-o", "addr", "show", "dev", net.bridge).stdout:
+        _ip("addr", "add", gateway, "dev", net.bridge)
+    _ip("link", "set", net.bridge, "up")
+    for vm, address in net.vms.items():
+        ns = net.namespace(vm)
+        if not (NETNS_DIR / ns).exists():
+            _ip("netns", "add", ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+        outside = net.host_interface(vm)
+        if not _exists(VM_INTERFACE, ns):
+            if _exists(outside):  # half made by an interrupted run
+                _ip("link", "del", outside)
+            _ip("link", "add", outside, "type", "veth", "peer", "name", VM_INTERFACE, "netns", ns)
+        _ip("link", "set", outside, "master", net.bridge, "up")
+        inside = f"{address}/{net.prefixlen}"
+        if inside not in _ip("-n", ns, "-o", "addr", "show", "dev", VM_INTERFACE).stdout:
+            _ip("-n", ns, "addr", "add", inside, "dev", VM_INTERFACE)
+        _ip("-n", ns, "link", "set", VM_INTERFACE, "up")
+
+
+def remove(net: Network, stop_timeout: float = 10.0) -> list[str]:
+    """Stop whatever still runs in the namespaces, then delete them and the bridge; the
+    namespaces that were there."""
+    present = [vm for vm in net.vms if (NETNS_DIR / net.namespace(vm)).exists()]
+    pids: set[int] = set()
+    for vm in present:
+        listed = _ip("netns", "pids", net.namespace(vm), check=False)
+        pids |= {int(p) for p in listed.stdout.split()}
+    terminate(pids, stop_timeout)
+    for vm in present:
+        _ip("netns", "del", net.namespace(vm), check=False)  # its veth pair goes with it
+    if _exists(net.bridge):
+        _ip("link", "del", net.bridge, check=False)
+    return present
+
+
+def set_link(net: Network, vm: str, up: bool) -> None:
+    """Cut (or restore) a VM's network link, as a fault would."""
+    _ip("-n", net.namespace(vm), "link", "set", VM_INTERFACE, "up" if up else "down")
+
+
+def namespaces_left(tags: Sequence[str]) -> list[str]:
+    """Namespaces whose name carries one of `tags` (tests: nothing left behind)."""
+    if not NETNS_DIR.exists():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if any(p.name.startswith(f"ff{t}-") for t in tags))
