@@ -418,9 +418,12 @@ def configure_stack(
         if playbook == SITE:
             prepare_controller(stack, inventory, project_dir)
         hosts = ansible_inventory(stack, inventory, project_dir, chosen, flwr_bin=flower.tool("flwr"))
-        result = apply(playbook, hosts, limit=limit, progress=progress)
-        if stack.is_local and playbook == STOP and limit is None:
-            localstack.down_network(stack, project_dir)  # namespaces mode: nothing runs there now
+        try:
+            result = apply(playbook, hosts, limit=limit, progress=progress)
+        finally:
+            if stack.is_local and playbook == STOP and limit is None:
+                # Namespaces mode: what the play could not stop is stopped with them.
+                localstack.down_network(stack, project_dir)
     report = {"stack": stack.name, "limit": limit, **result.to_dict()}
     ctl.root.mkdir(parents=True, exist_ok=True)
     (ctl.root / f"{Path(playbook).stem}.json").write_text(json.dumps(report, indent=2) + "\n")

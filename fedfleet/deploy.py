@@ -126,8 +126,9 @@ def destroy(t: Target, echo: Callable[[str], None]) -> None:
         if (local.root / "inventory.json").exists():
             from .configure import STOP, configure_stack
 
-            configure_stack(t.project, t.stack.name, playbook=STOP)  # services started by `configure`
-        localstack.down_network(t.stack, t.project)
+            configure_stack(t.project, t.stack.name, playbook=STOP)  # services and network
+        with localstack.locked(local):
+            localstack.down_network(t.stack, t.project)  # a network left without an inventory
         if local.root.exists():
             shutil.rmtree(local.root)
         echo(f"local stack {t.stack.name}: removed {local.root} (VM disks, keys, certificates, database)")

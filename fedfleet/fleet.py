@@ -240,6 +240,9 @@ class Fleet:
                 if why is not None:
                     errors[vm] = self._explain(why, self._log(vm))
                     del waiting[vm]
+                elif cut := self._link_cut(vm):  # it cannot connect: no need to wait for the deadline
+                    errors[vm] = cut
+                    del waiting[vm]
             if not waiting:
                 break
             if time.monotonic() >= deadline:
@@ -284,7 +287,7 @@ class Fleet:
             raise RunFailed(self._explain(why, log))
         for participant, vm in list(self.serving.items()):
             status = self._status(f"{vm.name} ({participant})", self._home(vm.name))
-            cut = self._link_cut(vm.name, participant)
+            cut = self._link_cut(vm.name)
             # One slow answer of a busy host is not a lost VM: two in a row are.
             answered = status.reachable and cut is None
             self.misses[vm.name] = 0 if answered else self.misses.get(vm.name, 0) + 1
@@ -302,13 +305,13 @@ class Fleet:
             if why is not None:
                 self.fail_over(participant, vm.name, why)
 
-    def _link_cut(self, vm: str, participant: str) -> str | None:
+    def _link_cut(self, vm: str) -> str | None:
         """Why the VM does not answer over its network link (namespaces mode), or None."""
         address = self.links.get(vm)
         if address is None or supervision.link_answers(address, timeout=LINK_TIMEOUT):
             return None
         return (
-            f"{vm} ({participant}) does not answer over its network link ({address}: no reply "
+            f"{vm} ({self.inventory.vm(vm).participant}) does not answer over its network link ({address}: no reply "
             f"within {LINK_TIMEOUT:g} s); its SuperNode cannot reach the SuperLink"
         )
 

@@ -9,13 +9,20 @@ cuts it as a real network fault would. Needs root and iproute2 (`ip`).
 
 Names carry a tag made from the stack's root directory, so two local stacks (or a test
 beside a developer's stack) never share a namespace or bridge; interface names stay
-within Linux's 15 characters.
+within Linux's 15 characters. A subnet already on another interface is refused.
+
+Exposure: the bridge's address is this machine's own, and Linux answers for its own
+addresses on every interface, so a machine on the same LAN that routes the subnet to
+this one could reach the SuperLink (TLS and node authentication still hold; Flower's
+Control API, on the same port, has none). The mode is for rehearsing faults on a
+machine you control, not for serving.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
 import shutil
 import subprocess
@@ -52,14 +59,19 @@ class Network:
         return f"ff{self.tag}-{vm}"
 
     def host_interface(self, vm: str) -> str:
-        return f"ffv{self.tag}{list(self.vms).index(vm)}"
+        """The bridge's end of the VM's veth pair (named from the VM, not its position)."""
+        return f"ffv{hashlib.sha256(f'{self.tag}/{vm}'.encode()).hexdigest()[:8]}"
+
+
+def tag_for(root: Path) -> str:
+    return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:5]
 
 
 def plan(stack: StackConfig, root: Path) -> Network | None:
     """The network of a local stack in namespaces mode (None in loopback mode)."""
     if stack.local is None or stack.local.network != "namespaces":
         return None
-    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:5]
+    tag = tag_for(root)
     subnet = ipaddress.ip_network(stack.local.subnet)
     hosts = subnet.hosts()
     gateway = str(next(hosts))
@@ -88,9 +100,10 @@ def ensure(net: Network) -> None:
     why = why_unavailable()
     if why:
         raise EnvironmentProblem(
-            f"{PROJECT}:local.network is namespaces, but {why}. Run fedfleet as root (or with "
-            "CAP_NET_ADMIN), or set fedfleet:local.network to loopback"
+            f"{PROJECT}:local.network is namespaces, but {why}. Run fedfleet as root, or set "
+            f"{PROJECT}:local.network to loopback"
         )
+    _check_subnet_free(net)
     if not _exists(net.bridge):
         _ip("link", "add", net.bridge, "type", "bridge")
     gateway = f"{net.gateway}/{net.prefixlen}"
@@ -114,19 +127,49 @@ def ensure(net: Network) -> None:
         _ip("-n", ns, "link", "set", VM_INTERFACE, "up")
 
 
-def remove(net: Network, stop_timeout: float = 10.0) -> list[str]:
-    """Stop whatever still runs in the namespaces, then delete them and the bridge; the
-    namespaces that were there."""
-    present = [vm for vm in net.vms if (NETNS_DIR / net.namespace(vm)).exists()]
+def _check_subnet_free(net: Network) -> None:
+    """Refuse a subnet another interface (another stack's bridge, a LAN) already has."""
+    subnet = ipaddress.ip_network(f"{net.gateway}/{net.prefixlen}", strict=False)
+    listed = json.loads(_ip("-j", "-4", "addr", "show").stdout or "[]")
+    for link in listed:
+        if link.get("ifname") == net.bridge:
+            continue
+        for addr in link.get("addr_info", []):
+            address = ipaddress.ip_interface(f"{addr['local']}/{addr['prefixlen']}")
+            if address.network.overlaps(subnet):
+                raise EnvironmentProblem(
+                    f"{PROJECT}:local.subnet {subnet} overlaps {address} on {link['ifname']} (another "
+                    "local stack's bridge, or a network this machine is on); choose a free private "
+                    "network for fedfleet:local.subnet"
+                )
+
+
+def _bridge_present(tag: str) -> bool:
+    return Path("/sys/class/net", f"ffb{tag}").exists()
+
+
+def remove(tag: str, stop_timeout: float = 10.0) -> list[str]:
+    """Stop whatever still runs in the namespaces tagged `tag`, then delete them and the
+    bridge (also what a stack file no longer lists); the namespaces that were there.
+    Raise if any is left."""
+    present = namespaces_left([tag])
+    if not present and not _bridge_present(tag):
+        return []
     pids: set[int] = set()
-    for vm in present:
-        listed = _ip("netns", "pids", net.namespace(vm), check=False)
+    for ns in present:
+        listed = _ip("netns", "pids", ns, check=False)
         pids |= {int(p) for p in listed.stdout.split()}
     terminate(pids, stop_timeout)
-    for vm in present:
-        _ip("netns", "del", net.namespace(vm), check=False)  # its veth pair goes with it
-    if _exists(net.bridge):
-        _ip("link", "del", net.bridge, check=False)
+    for ns in present:
+        _ip("netns", "del", ns, check=False)  # its veth pair goes with it
+    if _bridge_present(tag):
+        _ip("link", "del", f"ffb{tag}", check=False)
+    left = namespaces_left([tag]) + ([f"ffb{tag}"] if _bridge_present(tag) else [])
+    if left:
+        raise EnvironmentProblem(
+            f"could not remove the local stack's network: {', '.join(left)} remain. Remove them as "
+            "root (`ip netns del <name>`, `ip link del <bridge>`)"
+        )
     return present
 
 

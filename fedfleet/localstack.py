@@ -165,9 +165,9 @@ def network(stack: StackConfig, project_dir: Path) -> localnet.Network | None:
 
 
 def down_network(stack: StackConfig, project_dir: Path) -> list[str]:
-    """Delete the VMs' namespaces and bridge, if the stack has them (after its services stopped)."""
-    net = network(stack, project_dir)
-    return localnet.remove(net) if net is not None else []
+    """Delete the VMs' namespaces and bridge, if this stack root has any (after its services
+    stopped; whatever the stack file says now)."""
+    return localnet.remove(localnet.tag_for(paths(stack, project_dir).root))
 
 
 def server_tls(stack: StackConfig, project_dir: Path) -> ServerTLS:

@@ -17,6 +17,7 @@ One run on the local stack:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import secrets
@@ -114,28 +115,35 @@ def run(
             observer.stage("cleanup", f"stopped leftovers of a killed run: {', '.join(leftovers)}")
         observer.stage("provision", f"{len(stack.participants)} participants, local VMs")
         inventory = localstack.up(stack, project_dir)
-        vm_count = sum(len(vms) for vms in inventory.participants.values())
-        observer.stage(
-            "probe", f"{vm_count} VMs (playbooks/probe.yml), then one per participant, round-robin"
-        )
-        chosen, order, verdicts = orchestrator.choose(stack, inventory, project_dir, advance=False)
-        observer.stage(
-            "choose",
-            ", ".join(f"{p}→{vm.name}" for p, vm in chosen.items())
-            + f" ({sum(v.usable for vs in verdicts.values() for v in vs)}/{vm_count} VMs usable)",
-        )
-        observer.stage("check", "data and ports")
-        site_counts = prepare_data(stack, project_dir, settings)
-        _check_ports(stack, localstack.paths(stack, project_dir), inventory.aggregator.address)
-        timings.mark("setup")
-        vms = {
-            p: [{"vm": v.probe.vm, "usable": v.usable, "why_not": v.reason or None} for v in vs]
-            for p, vs in verdicts.items()
-        }
-        return _train(
-            project_dir, stack, settings, inventory, chosen, site_counts, timings, observer,
-            planner.report_dict(placement), {"order": order, "vms": vms, "verdicts": verdicts},
-        )  # fmt: skip
+        try:
+            vm_count = sum(len(vms) for vms in inventory.participants.values())
+            observer.stage(
+                "probe", f"{vm_count} VMs (playbooks/probe.yml), then one per participant, round-robin"
+            )
+            chosen, order, verdicts = orchestrator.choose(stack, inventory, project_dir, advance=False)
+            observer.stage(
+                "choose",
+                ", ".join(f"{p}→{vm.name}" for p, vm in chosen.items())
+                + f" ({sum(v.usable for vs in verdicts.values() for v in vs)}/{vm_count} VMs usable)",
+            )
+            observer.stage("check", "data and ports")
+            site_counts = prepare_data(stack, project_dir, settings)
+            _check_ports(stack, localstack.paths(stack, project_dir), inventory.aggregator.address)
+            timings.mark("setup")
+            vms = {
+                p: [{"vm": v.probe.vm, "usable": v.usable, "why_not": v.reason or None} for v in vs]
+                for p, vs in verdicts.items()
+            }
+            summary = _train(
+                project_dir, stack, settings, inventory, chosen, site_counts, timings, observer,
+                planner.report_dict(placement), {"order": order, "vms": vms, "verdicts": verdicts},
+            )  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(FedfleetError):  # the run's own error is the one to see
+                localstack.down_network(stack, project_dir)
+            raise
+        localstack.down_network(stack, project_dir)  # namespaces mode: nothing runs there now
+        return summary
 
 
 def prepare_data(stack: StackConfig, project_dir: Path, settings: AppSettings) -> dict[str, dict[str, int]]:
@@ -279,7 +287,6 @@ def _train(
                 raise
             finally:
                 _stop_services(fleet.hosts(), marker, summary)
-                localstack.down_network(stack, project_dir)
                 _collect_logs(local, inventory, fleet.used, run_dir)
                 if fleet.failovers and fleet.serving:  # the next run starts after the replacements
                     remember_served()

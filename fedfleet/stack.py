@@ -568,9 +568,11 @@ def _local(r: _Reader) -> LocalSettings:
         raise r.child("subnet").fail(
             f"{subnet_text!r} is not a network (like {LocalSettings.subnet})"
         ) from err
-    if not subnet.is_private or subnet.version != 4 or subnet.prefixlen > 28:
+    private = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")]
+    if not any(subnet.version == 4 and subnet.subnet_of(n) for n in private) or subnet.prefixlen > 28:  # type: ignore[arg-type]
         raise r.child("subnet").fail(
-            f"{subnet_text} must be a private IPv4 network of at least 16 addresses (like {LocalSettings.subnet})"
+            f"{subnet_text} must be a private IPv4 network (RFC 1918: inside 10.0.0.0/8, 172.16.0.0/12 "
+            f"or 192.168.0.0/16) of at least 16 addresses (like {LocalSettings.subnet})"
         )
     return LocalSettings(
         root=r.text("root", LocalSettings.root),

@@ -7,14 +7,16 @@ tests/test_e2e.py::test_a_vm_whose_network_link_is_cut_is_replaced.)
 
 from __future__ import annotations
 
+import secrets
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
 from fedfleet import configure, localnet, localstack, supervision
 from fedfleet.errors import ConfigError, EnvironmentProblem
-from fedfleet.sandbox import local_config
+from fedfleet.sandbox import local_config, scratch_project
 from fedfleet.stack import load_stack
 
 
@@ -30,6 +32,11 @@ def _namespaced(subnet: str = "10.231.5.0/24", vms_per_participant: int = 2) -> 
         ("network", "bridged", r"fedfleet:local\.network: must be one of loopback, namespaces"),
         ("subnet", "10.231.5.0/33", r"fedfleet:local\.subnet: '10\.231\.5\.0/33' is not a network"),
         ("subnet", "8.8.8.0/24", r"fedfleet:local\.subnet: 8\.8\.8\.0/24 must be a private IPv4 network"),
+        (
+            "subnet",
+            "127.0.0.0/24",
+            r"fedfleet:local\.subnet: 127\.0\.0\.0/24 must be a private IPv4 network \(RFC 1918",
+        ),
         (
             "subnet",
             "10.231.5.0/29",
@@ -111,3 +118,34 @@ def test_the_link_check_tells_an_answering_host_from_a_silent_one():
         started = time.monotonic()
         assert not supervision.link_answers("127.0.0.1", full.getsockname()[1], timeout=0.5)
         assert time.monotonic() - started < 5  # bounded by its timeout
+
+
+def test_the_network_is_made_once_refused_on_a_taken_subnet_and_removed_whole(make_project, tmp_path):
+    if why := localnet.why_unavailable():
+        pytest.skip(f"network namespaces: {why}")
+    subnet = f"10.232.{secrets.randbelow(200) + 20}.0/24"
+    project = make_project(_namespaced(subnet))
+    stack = load_stack(project, "local")
+    net = localstack.network(stack, project)
+    try:
+        localstack.up(stack, project)
+        localstack.up(stack, project)  # again: nothing to add, nothing broken
+        assert localnet.namespaces_left([net.tag]) == sorted(net.namespace(vm) for vm in net.vms)
+        localnet.set_link(net, "us-vm-1", up=False)
+        assert not supervision.link_answers(net.vms["us-vm-1"], timeout=0.5)
+        assert supervision.link_answers(net.vms["us-vm-2"], timeout=0.5)  # refused: it answers
+        localstack.up(stack, project)  # a new run brings the cut link back
+        assert supervision.link_answers(net.vms["us-vm-1"], timeout=0.5)
+        # Another stack on the same subnet would steal these VMs' replies: refused, named.
+        other = scratch_project(tmp_path / "other", _namespaced(subnet))
+        with pytest.raises(EnvironmentProblem, match=rf"local\.subnet {subnet} overlaps .* on {net.bridge}"):
+            localstack.up(load_stack(other, "local"), other)
+        assert localnet.namespaces_left([localnet.tag_for(other / ".fedfleet" / "local")]) == []
+        # Removal goes by the stack root's tag: also the VMs the stack file no longer lists.
+        shrunk = _namespaced(subnet, vms_per_participant=1)
+        scratch_project(project, shrunk)
+        removed = localstack.down_network(load_stack(project, "local"), project)
+        assert len(removed) == 6
+        assert localnet.namespaces_left([net.tag]) == [] and not Path("/sys/class/net", net.bridge).exists()
+    finally:
+        localnet.remove(net.tag)
