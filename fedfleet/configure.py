@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import flower, localstack
+from . import flower, localnet, localstack
 from .errors import ConfigError, FedfleetError
 from .inventory import VM, Inventory
 from .pki import ServerTLS, ensure_server_tls
@@ -204,8 +204,11 @@ def ansible_inventory(
             "flower_superlink_port": agg.port,
         }
     participants: dict[str, Any] = {}
+    net = localstack.network(stack, project_dir) if stack.is_local else None
     for participant in stack.participants:
-        hosts = {vm.name: _vm_vars(stack, project_dir, vm) for vm in inventory.participants[participant.name]}
+        hosts = {
+            vm.name: _vm_vars(stack, project_dir, vm, net) for vm in inventory.participants[participant.name]
+        }
         participants[_group(participant.name)] = {"hosts": hosts}
     return {
         "all": {
@@ -219,7 +222,7 @@ def ansible_inventory(
     }
 
 
-def _vm_vars(stack: StackConfig, project_dir: Path, vm: VM) -> dict[str, Any]:
+def _vm_vars(stack: StackConfig, project_dir: Path, vm: VM, net: localnet.Network | None) -> dict[str, Any]:
     participant = stack.participant(vm.participant)
     common = {
         "flower_supernode_participant": vm.participant,
@@ -241,9 +244,7 @@ def _vm_vars(stack: StackConfig, project_dir: Path, vm: VM) -> dict[str, Any]:
             "flower_supernode_worker_enabled": bool(stack.local and stack.local.warm_workers),
             "flower_supernode_worker_socket": str(localstack.socket_path(home, "worker")),
             # Namespaces mode: the VM's services run in its own network namespace.
-            "flower_common_netns": net.namespace(vm.name)
-            if (net := localstack.network(stack, project_dir))
-            else "",
+            "flower_common_netns": net.namespace(vm.name) if net else "",
         }
     data = Path(participant.data_path)
     return common | {

@@ -332,11 +332,12 @@ class Fleet:
             before = len(self.tried[participant])
             self._launch({participant: queue.pop(0)}, with_aggregator=False)
             event.attempts = self.tried[participant][before:]
-            if participant in self.serving:
+            replaced = participant in self.serving
+            if replaced:
                 event.replacement = self.serving[participant].name
                 event.online_at = time.time()
             self._stop(vm)  # whatever is left of it, if the VM still answers (after: recovery first)
-            if participant in self.serving:
+            if replaced:
                 return
         self.expected -= 1
         self._tell()

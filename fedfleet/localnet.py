@@ -47,13 +47,20 @@ def why_unavailable() -> str | None:
     return None
 
 
+def bridge_name(tag: str) -> str:
+    return f"ffb{tag}"
+
+
 @dataclass(frozen=True)
 class Network:
     tag: str
-    bridge: str
     gateway: str  # the bridge's address: where the SuperLink listens
     prefixlen: int
     vms: dict[str, str]  # vm -> its address
+
+    @property
+    def bridge(self) -> str:
+        return bridge_name(self.tag)
 
     def namespace(self, vm: str) -> str:
         return f"ff{self.tag}-{vm}"
@@ -76,7 +83,7 @@ def plan(stack: StackConfig, root: Path) -> Network | None:
     hosts = subnet.hosts()
     gateway = str(next(hosts))
     names = [vm.name for p in stack.participants for vm in p.vms]
-    return Network(tag, f"ffb{tag}", gateway, subnet.prefixlen, {vm: str(next(hosts)) for vm in names})
+    return Network(tag, gateway, subnet.prefixlen, {vm: str(next(hosts)) for vm in names})
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -145,7 +152,7 @@ def _check_subnet_free(net: Network) -> None:
 
 
 def _bridge_present(tag: str) -> bool:
-    return Path("/sys/class/net", f"ffb{tag}").exists()
+    return Path("/sys/class/net", bridge_name(tag)).exists()
 
 
 def remove(tag: str, stop_timeout: float = 10.0) -> list[str]:
@@ -163,8 +170,8 @@ def remove(tag: str, stop_timeout: float = 10.0) -> list[str]:
     for ns in present:
         _ip("netns", "del", ns, check=False)  # its veth pair goes with it
     if _bridge_present(tag):
-        _ip("link", "del", f"ffb{tag}", check=False)
-    left = namespaces_left([tag]) + ([f"ffb{tag}"] if _bridge_present(tag) else [])
+        _ip("link", "del", bridge_name(tag), check=False)
+    left = namespaces_left([tag]) + ([bridge_name(tag)] if _bridge_present(tag) else [])
     if left:
         raise EnvironmentProblem(
             f"could not remove the local stack's network: {', '.join(left)} remain. Remove them as "

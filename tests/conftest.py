@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fedfleet import localnet
 from fedfleet.sandbox import scratch_project
+
+
+def why_no_namespaces() -> str | None:
+    """Why this machine cannot make network namespaces (tests that need them skip), or None."""
+    why = localnet.why_unavailable()
+    if why:
+        return why
+    probe = subprocess.run(["ip", "netns", "add", "ff-probe"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        return f"`ip netns add` is not allowed here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "ff-probe"], check=False)
+    return None
 
 
 def running_processes_mentioning(text: str) -> list[str]:

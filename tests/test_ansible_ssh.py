@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from fedfleet import localstack, supervision
 from fedfleet.pki import ensure_server_tls
 from fedfleet.processes import ProcessGroup, terminate
 
-from .conftest import running_processes_mentioning
+from .conftest import running_processes_mentioning, why_no_namespaces
 
 pytestmark = pytest.mark.e2e
 
@@ -39,17 +38,10 @@ SUPERLINK_PORT = 9443
 
 
 def _why_skip() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None:
-        return "needs iproute2 (`ip netns`)"
     if not Path(SSHD).exists():
         return "needs openssh-server (`apt-get install openssh-server`; .ci/run installs it)"
-    probe = subprocess.run(["ip", "netns", "add", "ff-probe"], capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        return f"`ip netns add` is not allowed here: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", "ff-probe"], check=False)
-    return None
+    why = why_no_namespaces()
+    return f"network namespaces: {why}" if why else None
 
 
 def ip(*args: str) -> None:

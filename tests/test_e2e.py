@@ -25,7 +25,7 @@ from fedfleet.processes import tree
 from fedfleet.sandbox import free_ports, local_config
 from fedfleet.stack import load_stack
 
-from .conftest import running_processes_mentioning
+from .conftest import running_processes_mentioning, why_no_namespaces
 from .test_cli_errors import earlier_run, fedfleet
 
 pytestmark = pytest.mark.e2e
@@ -156,19 +156,8 @@ def test_lost_vms_are_replaced_and_the_run_completes(make_project):
     assert running_processes_mentioning(str(project)) == []
 
 
-def _why_no_namespaces() -> str | None:
-    why = localnet.why_unavailable()
-    if why:
-        return why
-    probe = subprocess.run(["ip", "netns", "add", "ff-probe"], capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        return f"`ip netns add` is not allowed here: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", "ff-probe"], check=False)
-    return None
-
-
 def test_a_vm_whose_network_link_is_cut_is_replaced(make_project):
-    if why := _why_no_namespaces():
+    if why := why_no_namespaces():
         pytest.skip(f"network namespaces: {why}")
     config = local_config()  # two VMs per participant, each in its own network namespace
     config["fedfleet:local"] |= {
