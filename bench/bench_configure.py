@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedfleet import configure, flower, localstack
+from fedfleet import configure, localstack
+from fedfleet.adapters import flwr as flower
+from fedfleet.core.stack import load_stack
 from fedfleet.runner import prepare_data
 from fedfleet.sandbox import scratch_project
-from fedfleet.stack import load_stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

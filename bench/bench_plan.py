@@ -21,11 +21,11 @@ import time
 
 import numpy as np
 
-from fedfleet.catalog import load_catalog
-from fedfleet.placement import hierarchy
-from fedfleet.placement.network import Site
-from fedfleet.placement.optimizer import nsga2, pareto_indices, verify
-from fedfleet.placement.problem import Placement, Requirements
+from fedfleet.core.catalog import load_catalog
+from fedfleet.core.placement import hierarchy
+from fedfleet.core.placement.network import Site
+from fedfleet.core.placement.optimizer import nsga2, pareto_indices, verify
+from fedfleet.core.placement.problem import Placement, Requirements
 from fedfleet.sandbox import REPO
 
 

@@ -36,9 +36,9 @@ from typing import Any
 
 from fedfleet_app.settings import AppSettings
 
-from fedfleet import flower
-from fedfleet.processes import ProcessGroup
-from fedfleet.results import RunState
+from fedfleet.adapters import flwr as flower
+from fedfleet.adapters.processes import ProcessGroup
+from fedfleet.core.records import RunState
 from fedfleet.sandbox import REPO, free_ports, local_config, scratch_project
 
 

@@ -19,9 +19,9 @@ import dataclasses
 import datetime as dt
 import json
 
-from fedfleet.planner import make_plan
+from fedfleet.core.stack import load_stack
 from fedfleet.sandbox import REPO
-from fedfleet.stack import load_stack
+from fedfleet.stages.plan import make_plan
 
 SEED = {"1:9": "cost -19%, training 7% faster", "5:5": "(not reported)", "9:1": "cost -41%"}
 WEIGHTS = {"1:9": (0.1, 0.9), "5:5": (0.5, 0.5), "9:1": (0.9, 0.1)}

@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import flower, localnet, localstack
-from .errors import ConfigError, FedfleetError
-from .inventory import VM, Inventory
-from .pki import ServerTLS, ensure_server_tls
-from .stack import PROJECT, StackConfig
+from fedfleet import localstack
+from fedfleet.adapters import flwr as flower
+from fedfleet.adapters import netns as localnet
+from fedfleet.adapters.pki import ServerTLS, ensure_server_tls
+from fedfleet.core.errors import ConfigError, FedfleetError
+from fedfleet.core.inventory import VM, Inventory
+from fedfleet.core.stack import PROJECT, StackConfig
 
 PLAYBOOKS = Path(__file__).resolve().parents[1] / "playbooks"
 APP_PACKAGE = Path(__file__).resolve().parents[1] / "fl" / "fedfleet_app"
@@ -400,9 +402,9 @@ def configure_stack(
 ) -> dict[str, Any]:
     """Apply `playbook` to a stack's hosts; the result (per-host counts, seconds) is also saved
     as .fedfleet/<stack>/<playbook>.json."""
-    from .orchestrator import choose
-    from .runner import prepare_data
-    from .stack import load_stack
+    from fedfleet.core.stack import load_stack
+    from fedfleet.runner import prepare_data
+    from fedfleet.stages.probe import choose
 
     stack = load_stack(project_dir, stack_name)
     ctl = controller_paths(stack, project_dir)

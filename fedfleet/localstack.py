@@ -30,11 +30,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import localnet
-from .errors import EnvironmentProblem
-from .inventory import VM, AggregatorHost, Inventory
-from .pki import ServerTLS
-from .stack import StackConfig
+from fedfleet.adapters import netns as localnet
+from fedfleet.adapters.pki import ServerTLS
+from fedfleet.core.errors import EnvironmentProblem
+from fedfleet.core.inventory import VM, AggregatorHost, Inventory
+from fedfleet.core.stack import StackConfig
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,16 @@ from typing import Any, Protocol
 from fedfleet_app import data as app_data
 from fedfleet_app.settings import AppSettings
 
-from . import configure, flower, localstack, orchestrator, planner, supervision
-from .errors import ConfigError, DataError, EnvironmentProblem, FedfleetError, RunFailed
-from .fleet import FLEET_FILE, Fleet
-from .inventory import VM, Inventory
-from .processes import ProcessGroup, reap_leftovers
-from .results import RunState
-from .stack import PROJECT, StackConfig, load_stack
+from fedfleet import configure, localstack, supervision
+from fedfleet.adapters import flwr as flower
+from fedfleet.adapters.processes import ProcessGroup, reap_leftovers
+from fedfleet.core.errors import ConfigError, DataError, EnvironmentProblem, FedfleetError, RunFailed
+from fedfleet.core.inventory import VM, Inventory
+from fedfleet.core.records import RunState
+from fedfleet.core.stack import PROJECT, StackConfig, load_stack
+from fedfleet.stages import plan as planner
+from fedfleet.stages import probe as orchestrator
+from fedfleet.stages.fleet import FLEET_FILE, Fleet
 
 STATUS_CHECK_AFTER = 20.0  # seconds without events before asking the SuperLink
 SERVICE_CHECK_EVERY = 1.0  # seconds between asking the hosts' supervisors

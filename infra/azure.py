@@ -29,7 +29,7 @@ import pulumi
 import pulumi_azure_native as azure_native
 from pulumi_azure_native import compute, network, resources
 
-from fedfleet.stack import Operator
+from fedfleet.core.stack import Operator
 
 from .common import SSH_PORT, AggregatorArgs, AggregatorComponent, SiteArgs, cloud_init, host_cidrs, vm_record
 from .config import Accounts

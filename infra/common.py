@@ -16,8 +16,8 @@ from typing import Any
 
 import pulumi
 
-from fedfleet.cloudplan import AggregatorPlan, SitePlan, VmPlan
-from fedfleet.stack import Operator
+from fedfleet.core.cloudplan import AggregatorPlan, SitePlan, VmPlan
+from fedfleet.core.stack import Operator
 
 PROJECT = "fedfleet"
 SSH_PORT = 22

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pulumi
 
-from fedfleet.catalog import load_catalog
-from fedfleet.cloudplan import InfraPlan, infra_plan
-from fedfleet.errors import ConfigError
-from fedfleet.stack import PROJECT, TOP_KEYS, parse_stack
+from fedfleet.core.catalog import load_catalog
+from fedfleet.core.cloudplan import InfraPlan, infra_plan
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.stack import PROJECT, TOP_KEYS, parse_stack
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
-from fedfleet.cloudplan import VmPlan
-from fedfleet.stack import Operator
+from fedfleet.core.cloudplan import VmPlan
+from fedfleet.core.stack import Operator
 
 from .common import SSH_PORT, AggregatorArgs, AggregatorComponent, SiteArgs, cloud_init, host_cidrs, vm_record
 from .config import Accounts

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fedfleet import localnet
+from fedfleet.adapters import netns as localnet
 from fedfleet.sandbox import scratch_project
 
 

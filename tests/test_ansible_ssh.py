@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from fedfleet import localstack, supervision
-from fedfleet.pki import ensure_server_tls
-from fedfleet.processes import ProcessGroup, terminate
+from fedfleet.adapters.pki import ensure_server_tls
+from fedfleet.adapters.processes import ProcessGroup, terminate
 
 from .conftest import running_processes_mentioning, why_no_namespaces
 

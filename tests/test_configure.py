@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from fedfleet import configure, localstack
-from fedfleet.errors import ConfigError
-from fedfleet.inventory import VM, AggregatorHost, Inventory
-from fedfleet.orchestrator import choose
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.inventory import VM, AggregatorHost, Inventory
+from fedfleet.core.stack import load_stack
 from fedfleet.sandbox import REPO, local_config, scratch_project
-from fedfleet.stack import load_stack
+from fedfleet.stages.probe import choose
 
 
 def hosts_of(inventory: dict, group: str) -> dict:

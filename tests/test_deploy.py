@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from fedfleet import deploy
-from fedfleet.promote import plan_promotion
+from fedfleet.core.stack import Operator, load_stack
 from fedfleet.sandbox import REPO, scratch_project
-from fedfleet.stack import Operator, load_stack
+from fedfleet.stages import provision as deploy
+from fedfleet.stages.promote import plan_promotion
 from infra.common import cloud_init
 
 from .infra_harness import SSH_KEY

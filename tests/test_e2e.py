@@ -20,10 +20,11 @@ import pytest
 import torch
 from fedfleet_app.task import build_model
 
-from fedfleet import localnet, localstack
-from fedfleet.processes import tree
+from fedfleet import localstack
+from fedfleet.adapters import netns as localnet
+from fedfleet.adapters.processes import tree
+from fedfleet.core.stack import load_stack
 from fedfleet.sandbox import free_ports, local_config
-from fedfleet.stack import load_stack
 
 from .conftest import running_processes_mentioning, why_no_namespaces
 from .test_cli_errors import earlier_run, fedfleet

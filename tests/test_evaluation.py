@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from fedfleet import configure, localstack, orchestrator
-from fedfleet.fleet import Fleet
-from fedfleet.processes import ProcessGroup
+from fedfleet import configure, localstack
+from fedfleet.adapters.processes import ProcessGroup
+from fedfleet.core.selection import NoUsableVM, Rotation, candidates, random_pick
+from fedfleet.core.stack import load_stack
 from fedfleet.runner import prepare_data
 from fedfleet.sandbox import local_config, scratch_project
-from fedfleet.selection import NoUsableVM, Rotation, candidates, random_pick
-from fedfleet.stack import load_stack
+from fedfleet.stages import probe as orchestrator
+from fedfleet.stages.fleet import Fleet
 
 from .conftest import running_processes_mentioning
 

@@ -8,8 +8,8 @@ from typing import Any
 import pulumi
 import pytest
 
-from fedfleet.cloudplan import AggregatorPlan, SitePlan, VmPlan
-from fedfleet.stack import Operator
+from fedfleet.core.cloudplan import AggregatorPlan, SitePlan, VmPlan
+from fedfleet.core.stack import Operator
 
 from .infra_harness import SSH_KEY, Recorder, declare
 

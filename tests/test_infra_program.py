@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from fedfleet.catalog import load_catalog
-from fedfleet.cloudplan import infra_plan
-from fedfleet.errors import ConfigError
-from fedfleet.inventory import Inventory
+from fedfleet.core.catalog import load_catalog
+from fedfleet.core.cloudplan import infra_plan
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.inventory import Inventory
+from fedfleet.core.stack import load_stack, parse_stack
 from fedfleet.sandbox import REPO
-from fedfleet.stack import load_stack, parse_stack
 
 from .infra_harness import Recorder, run_program, stack_config
 

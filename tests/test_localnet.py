@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from fedfleet import configure, localnet, localstack, supervision
-from fedfleet.errors import ConfigError, EnvironmentProblem
+from fedfleet import configure, localstack, supervision
+from fedfleet.adapters import netns as localnet
+from fedfleet.core.errors import ConfigError, EnvironmentProblem
+from fedfleet.core.stack import load_stack
 from fedfleet.sandbox import local_config, scratch_project
-from fedfleet.stack import load_stack
 
 
 def _namespaced(subnet: str = "10.231.5.0/24", vms_per_participant: int = 2) -> dict:

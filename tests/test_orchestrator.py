@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from fedfleet import configure
-from fedfleet.errors import ConfigError
-from fedfleet.orchestrator import _free_disk_gib
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.stack import load_stack
 from fedfleet.sandbox import local_config, scratch_project
-from fedfleet.stack import load_stack
+from fedfleet.stages.probe import _free_disk_gib
 
 from .test_cli_errors import assert_nothing_left, earlier_run
 

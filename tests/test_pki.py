@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedfleet.pki import ensure_node_key, ensure_server_tls
+from fedfleet.adapters.pki import ensure_node_key, ensure_server_tls
 
 
 def test_server_certificate_names_every_address_and_chains_to_the_ca(tmp_path: Path):

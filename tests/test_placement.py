@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfleet.catalog import load_catalog
-from fedfleet.errors import ConfigError
-from fedfleet.placement.network import EgressPricer, RttModel, Site, great_circle_km, round_time
-from fedfleet.placement.optimizer import Infeasible, choose, nsga2, pareto_indices, plan, verify
-from fedfleet.placement.problem import Currency, Placement, Requirements
+from fedfleet.core.catalog import load_catalog
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.placement.network import EgressPricer, RttModel, Site, great_circle_km, round_time
+from fedfleet.core.placement.optimizer import Infeasible, choose, nsga2, pareto_indices, plan, verify
+from fedfleet.core.placement.problem import Currency, Placement, Requirements
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +288,7 @@ def test_every_candidate_is_priced_from_the_catalog(catalog, seed_sites):
 
 
 def test_regional_aggregators_beat_random_search_of_equal_budget(catalog):
-    from fedfleet.placement import hierarchy
+    from fedfleet.core.placement import hierarchy
 
     rng = np.random.default_rng(7)
     keys = sorted(catalog.regions)
@@ -304,7 +304,7 @@ def test_regional_aggregators_beat_random_search_of_equal_budget(catalog):
 
 
 def test_regional_evaluation_assigns_each_participant_to_its_nearest_aggregator(catalog, seed_sites):
-    from fedfleet.placement import hierarchy
+    from fedfleet.core.placement import hierarchy
 
     h = hierarchy.Hierarchy.build(Placement(catalog, seed_sites, Requirements()))
     # One regional aggregator in each participant's own region: latency is then the

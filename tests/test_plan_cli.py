@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fedfleet.errors import ConfigError
-from fedfleet.planner import parse_weights, stack_yaml
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.stack import load_stack
 from fedfleet.sandbox import REPO, local_config
-from fedfleet.stack import load_stack
+from fedfleet.stages.plan import parse_weights, stack_yaml
 
 
 def fedfleet(project: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedfleet.processes import ProcessGroup, group_alive, living, reap_leftovers
+from fedfleet.adapters.processes import ProcessGroup, group_alive, living, reap_leftovers
 
 # A parent that starts a child: the group must go as a whole.
 TREE = [

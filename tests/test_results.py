@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedfleet.results import RunState
+from fedfleet.core.records import RunState
 
 
 def metrics(acc: float, loss: float) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfleet.selection import Minimums, NoUsableVM, Probe, Rotation, assess, candidates, random_pick
+from fedfleet.core.selection import Minimums, NoUsableVM, Probe, Rotation, assess, candidates, random_pick
 
 NEED = Minimums(vcpu=2, memory_gib=4, free_disk_gib=5)
 

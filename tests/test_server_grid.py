@@ -103,7 +103,7 @@ def test_without_fleet_file_min_participants_are_expected(tmp_path: Path):
 
 
 def test_fedfleet_writes_the_file_the_server_app_reads():
-    from fedfleet.fleet import FLEET_FILE as WRITTEN
+    from fedfleet.stages.fleet import FLEET_FILE as WRITTEN
 
     assert WRITTEN == FLEET_FILE
 

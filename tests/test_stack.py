@@ -6,9 +6,9 @@ import copy
 
 import pytest
 
-from fedfleet.errors import ConfigError
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.stack import available_stacks, load_stack
 from fedfleet.sandbox import REPO, local_config
-from fedfleet.stack import available_stacks, load_stack
 
 
 def test_shipped_local_stack_is_valid():

@@ -13,14 +13,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .. import __version__
-from ..errors import ConfigError, FedfleetError
-from . import configure as configure_cmd
-from . import plan as plan_cmd
-from . import promote as promote_cmd
-from . import run as run_cmd
-from . import stacks as stack_cmds
-from . import vms as vms_cmd
+from fedfleet import __version__
+from fedfleet.cli import configure as configure_cmd
+from fedfleet.cli import plan as plan_cmd
+from fedfleet.cli import promote as promote_cmd
+from fedfleet.cli import run as run_cmd
+from fedfleet.cli import stacks as stack_cmds
+from fedfleet.cli import vms as vms_cmd
+from fedfleet.core.errors import ConfigError, FedfleetError
 
 HELP = "Deploy and run cross-silo federated learning across clouds (Flower, Pulumi, Ansible)."
 PROJECT_HELP = "Project directory (holds Pulumi.yaml); default: the nearest one above the current directory."

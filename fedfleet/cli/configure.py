@@ -7,8 +7,8 @@ import json
 import typer
 from rich.console import Console
 
-from .. import configure
-from .progress import PlayProgress
+from fedfleet import configure
+from fedfleet.cli.progress import PlayProgress
 
 STACK_HELP = "Stack name: stacks/Pulumi.<stack>.yaml."
 LIMIT_HELP = "Only these hosts (an Ansible pattern: a VM name, aggregator, a group)."
@@ -21,7 +21,7 @@ STOP_HELP = "Stop Flower on the stack's hosts (SuperNodes first, then the SuperL
 
 
 def _apply(ctx: typer.Context, stack: str, playbook: str, limit: str | None, as_json: bool) -> None:
-    from .app import project_dir
+    from fedfleet.cli.app import project_dir
 
     console = Console(stderr=True)
     with PlayProgress(console, f"ansible-playbook {playbook} --stack {stack}") as progress:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .. import planner
+from fedfleet.stages import plan as planner
 
 HELP = (
     "Place the aggregator: cloud, region and instance type by cost and latency to the "
@@ -37,7 +37,7 @@ def command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Do not write the choice into the stack file."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
-    from .app import project_dir
+    from fedfleet.cli.app import project_dir
 
     overrides = {
         "weights": planner.parse_weights(weights) if weights else None,

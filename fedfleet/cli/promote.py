@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.syntax import Syntax
 
-from .. import promote as promotion
+from fedfleet.stages import promote as promotion
 
 HELP = (
     "Copy the promotable part of one stack's config (fedfleet:app; the placement's limits, "
@@ -24,7 +24,7 @@ def command(
     yes: bool = typer.Option(False, "--yes", help="Write without asking."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the diff only."),
 ) -> None:
-    from .app import project_dir
+    from fedfleet.cli.app import project_dir
 
     project = project_dir(ctx)
     result = promotion.plan_promotion(project, source, target)

@@ -14,9 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .. import runner
-from ..results import RunState
-from .progress import PlayProgress
+from fedfleet import runner
+from fedfleet.cli.progress import PlayProgress
+from fedfleet.core.records import RunState
 
 HELP = (
     "Run one federated training on a stack (default: the embedded local stack): start the "
@@ -117,7 +117,7 @@ def command(
     rounds: int | None = typer.Option(None, "--rounds", min=1, help=ROUNDS_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    from .app import project_dir
+    from fedfleet.cli.app import project_dir
 
     project = project_dir(ctx)
     console = Console(stderr=as_json)

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .. import deploy
-from ..inventory import Inventory
+from fedfleet.core.inventory import Inventory
+from fedfleet.stages import provision as deploy
 
 STACK_HELP = "Stack name: stacks/Pulumi.<stack>.yaml."
 PREVIEW_HELP = "Show what `up` would create or change (pulumi preview; the local stack: its VM directories)."
@@ -50,7 +50,7 @@ def preview(
     stack: str = typer.Option("local", "--stack", help=STACK_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    from .app import project_dir
+    from fedfleet.cli.app import project_dir
 
     summary = deploy.preview(deploy.target(project_dir(ctx), stack), _echo_to_stderr)
     if as_json:
@@ -62,7 +62,7 @@ def up(
     stack: str = typer.Option("local", "--stack", help=STACK_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the inventory as JSON."),
 ) -> None:
-    from .app import project_dir
+    from fedfleet.cli.app import project_dir
 
     _show(deploy.up(deploy.target(project_dir(ctx), stack), _echo_to_stderr), as_json)
 
@@ -72,7 +72,7 @@ def destroy(
     stack: str = typer.Option(..., "--stack", help=STACK_HELP),
     yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
 ) -> None:
-    from .app import project_dir
+    from fedfleet.cli.app import project_dir
 
     t = deploy.target(project_dir(ctx), stack)
     if not yes and not typer.confirm(f"Destroy every resource of stack {stack!r}?", default=False):
@@ -85,6 +85,6 @@ def outputs(
     stack: str = typer.Option("local", "--stack", help=STACK_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the inventory as JSON."),
 ) -> None:
-    from .app import project_dir
+    from fedfleet.cli.app import project_dir
 
     _show(deploy.outputs(deploy.target(project_dir(ctx), stack)), as_json)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .. import orchestrator
+from fedfleet.stages import probe as orchestrator
 
 HELP = (
     "Probe every participant VM of a stack (in parallel, each within "
@@ -23,7 +23,7 @@ def command(
     stack: str = typer.Option("local", "--stack", help="Stack name: stacks/Pulumi.<stack>.yaml."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
-    from .app import project_dir
+    from fedfleet.cli.app import project_dir
 
     console = Console(stderr=True)
     with console.status("probing the participant VMs (playbooks/probe.yml)"):

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import EnvironmentProblem, FedfleetError, RunFailed
-from .pki import ServerTLS
+from fedfleet.adapters.pki import ServerTLS
+from fedfleet.core.errors import EnvironmentProblem, FedfleetError, RunFailed
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 # The SuperNode's SuperExec looks for new ClientApp tasks every 1 s by default.

@@ -13,9 +13,9 @@ import difflib
 import ipaddress
 from dataclasses import dataclass
 
-from .catalog import Catalog
-from .errors import ConfigError
-from .stack import PROJECT, Operator, StackConfig, VMSpec
+from fedfleet.core.catalog import Catalog
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.stack import PROJECT, Operator, StackConfig, VMSpec
 
 DEFAULT_SITE_CIDR = "10.{n}.0.0/16"  # participant i gets 10.(20 + i).0.0/16
 # Resource names are "site-<participant>-<vm>-<suffix>" plus Pulumi's 8-character

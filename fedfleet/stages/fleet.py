@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import configure, flower, localstack, supervision
-from .errors import FedfleetError, RunFailed
-from .inventory import VM, Inventory
-from .selection import NoUsableVM
-from .stack import StackConfig
+from fedfleet import configure, localstack, supervision
+from fedfleet.adapters import flwr as flower
+from fedfleet.core.errors import FedfleetError, RunFailed
+from fedfleet.core.inventory import VM, Inventory
+from fedfleet.core.selection import NoUsableVM
+from fedfleet.core.stack import StackConfig
 
 FLEET_FILE = "fleet.json"  # the ServerApp reads it (fedfleet_app.server_app.FLEET_FILE)
 NODE_ID = re.compile(rb"SuperNode ID: (\d+)")

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import localstack
-from .catalog import load_catalog
-from .cloudplan import InfraPlan, infra_plan
-from .errors import EnvironmentProblem
-from .inventory import Inventory
-from .stack import StackConfig, load_stack
+from fedfleet import localstack
+from fedfleet.core.catalog import load_catalog
+from fedfleet.core.cloudplan import InfraPlan, infra_plan
+from fedfleet.core.errors import EnvironmentProblem
+from fedfleet.core.inventory import Inventory
+from fedfleet.core.stack import StackConfig, load_stack
 
 PULUMI_INSTALL = (
     "the Pulumi CLI is not installed here (the pip package `pulumi` is only its SDK). Install it "
@@ -124,7 +124,7 @@ def destroy(t: Target, echo: Callable[[str], None]) -> None:
         with localstack.locked(local):
             pass  # refuses while a run holds the stack
         if (local.root / "inventory.json").exists():
-            from .configure import STOP, configure_stack
+            from fedfleet.configure import STOP, configure_stack
 
             configure_stack(t.project, t.stack.name, playbook=STOP)  # services and network
         with localstack.locked(local):

@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import configure, flower, localstack
-from .inventory import VM, Inventory
-from .selection import Minimums, NoUsableVM, Probe, Rotation, Verdict, assess, candidates
-from .stack import StackConfig, load_stack
+from fedfleet import configure, localstack
+from fedfleet.adapters import flwr as flower
+from fedfleet.core.inventory import VM, Inventory
+from fedfleet.core.selection import Minimums, NoUsableVM, Probe, Rotation, Verdict, assess, candidates
+from fedfleet.core.stack import StackConfig, load_stack
 
 
 def rotation_path(stack: StackConfig, project_dir: Path) -> Path:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EnvironmentProblem
+from fedfleet.core.errors import EnvironmentProblem
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import FedfleetError
-from .problem import Placement
+from fedfleet.core.errors import FedfleetError
+from fedfleet.core.placement.problem import Placement
 
 # Broad mutation: isolated cheap regions are otherwise missed (bench/bench_plan.py).
 MUTATION_PROB, MUTATION_ETA = 1.0, 1.0

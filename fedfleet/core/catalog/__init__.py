@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from ..errors import ConfigError
+from fedfleet.core.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
 CLOUDS = ("aws", "gcp", "azure")

@@ -18,12 +18,12 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from .catalog import Catalog, load_catalog
-from .errors import ConfigError
-from .placement.network import Site
-from .placement.optimizer import Plan, plan
-from .placement.problem import Evaluation, Placement, Requirements
-from .stack import PROJECT, StackConfig, load_stack
+from fedfleet.core.catalog import Catalog, load_catalog
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.placement.network import Site
+from fedfleet.core.placement.optimizer import Plan, plan
+from fedfleet.core.placement.problem import Evaluation, Placement, Requirements
+from fedfleet.core.stack import PROJECT, StackConfig, load_stack
 
 
 @dataclass

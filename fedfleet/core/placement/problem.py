@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..catalog import CLOUDS, Catalog, Price
-from ..errors import ConfigError
-from .network import EgressPricer, Quote, RttModel, Site, round_time
+from fedfleet.core.catalog import CLOUDS, Catalog, Price
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.placement.network import EgressPricer, Quote, RttModel, Site, round_time
 
 HOURS_PER_MONTH = 730.0
 # "General-purpose 4 vCPU / 16 GiB" per cloud: the default baseline's instance type.

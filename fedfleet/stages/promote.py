@@ -20,11 +20,11 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from .catalog import load_catalog
-from .cloudplan import infra_plan
-from .errors import ConfigError
-from .planner import stack_yaml
-from .stack import PROJECT, load_stack, parse_stack, stack_path
+from fedfleet.core.catalog import load_catalog
+from fedfleet.core.cloudplan import infra_plan
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.stack import PROJECT, load_stack, parse_stack, stack_path
+from fedfleet.stages.plan import stack_yaml
 
 PROMOTED_PLACEMENT = (
     "horizonHours",

@@ -31,9 +31,9 @@ from fedfleet_app.settings import AppSettings, SettingsError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from .catalog import CLOUDS
-from .errors import ConfigError
-from .placement.problem import Currency, Requirements
+from fedfleet.core.catalog import CLOUDS
+from fedfleet.core.errors import ConfigError
+from fedfleet.core.placement.problem import Currency, Requirements
 
 PROJECT = "fedfleet"
 LOCAL = "local"

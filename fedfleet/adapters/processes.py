@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EnvironmentProblem
+from fedfleet.core.errors import EnvironmentProblem
 
 MARKER = "FEDFLEET_PROCESS_GROUP"
 

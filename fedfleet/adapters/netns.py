@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EnvironmentProblem
-from .processes import terminate
-from .stack import PROJECT, StackConfig
+from fedfleet.adapters.processes import terminate
+from fedfleet.core.errors import EnvironmentProblem
+from fedfleet.core.stack import PROJECT, StackConfig
 
 NETNS_DIR = Path("/run/netns")
 VM_INTERFACE = "eth0"

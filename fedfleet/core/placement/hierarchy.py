@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .optimizer import pareto_indices
-from .problem import Placement
+from fedfleet.core.placement.optimizer import pareto_indices
+from fedfleet.core.placement.problem import Placement
 
 
 @dataclass

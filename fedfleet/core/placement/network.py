@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..catalog import Catalog, Egress
+from fedfleet.core.catalog import Catalog, Egress
 
 EARTH_RADIUS_KM = 6371.0088  # IUGG mean radius
 
