@@ -8,6 +8,7 @@ working copy's `.fedfleet/` or `runs/` and can run beside it.
 from __future__ import annotations
 
 import copy
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_ports(count: int) -> list[int]:
-    """Distinct ports nothing listens on right now (the OS picks them)."""
-    sockets, ports = [], []
+    """Distinct ports nothing listens on right now (the OS picks them). Under pytest-xdist
+    each worker takes only ports of its own residue, so two workers never pick one port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    mine = int(worker.removeprefix("gw")) if worker.startswith("gw") else 0
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(count):
+        while len(ports) < count:
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             sockets.append(s)
-            ports.append(s.getsockname()[1])
+            if s.getsockname()[1] % workers == mine % workers:
+                ports.append(s.getsockname()[1])
     finally:
         for s in sockets:
             s.close()

@@ -30,31 +30,50 @@ sites = {
     for site in plan.sites
 }
 agg = plan.aggregator
-aggregator = CLOUDS[agg.cloud].Aggregator(
-    "aggregator",
-    AggregatorArgs(agg, plan.operator, tags, pulumi.Output.all(*(s.egress_ip for s in sites.values()))),
-    pulumi.ResourceOptions(provider=providers[(agg.cloud, agg.region)]),
+# A stack may give the aggregator by address (a machine of its own): then only the sites.
+aggregator = (
+    None
+    if agg is None
+    else CLOUDS[agg.cloud].Aggregator(
+        "aggregator",
+        AggregatorArgs(
+            agg,
+            plan.operator,
+            tags,
+            # The sites' NAT addresses and the ranges of participants with machines of their own.
+            pulumi.Output.all(*(s.egress_ip for s in sites.values())).apply(
+                lambda ips: [*ips, *plan.own_sources]
+            ),
+        ),
+        pulumi.ResourceOptions(provider=providers[(agg.cloud, agg.region)]),
+    )
 )
+
+
+def _inventory(out: dict) -> dict:
+    """The `inventory` output: what Pulumi created (fedfleet adds the hosts given by address)."""
+    return {
+        "stack": plan.stack,
+        "aggregator": None
+        if agg is None
+        else {
+            "name": "aggregator",
+            "cloud": agg.cloud,
+            "region": agg.region,
+            "instance_type": agg.instance_type,
+            "address": out["public_ip"],
+            "private_ip": out["private_ip"],
+            "port": agg.port,
+        },
+        "participants": out["sites"],
+    }
+
 
 pulumi.export(
     "inventory",
     pulumi.Output.all(
-        public_ip=aggregator.public_ip,
-        private_ip=aggregator.private_ip,
+        public_ip=aggregator.public_ip if aggregator else None,
+        private_ip=aggregator.private_ip if aggregator else None,
         sites={name: site.vms for name, site in sites.items()},
-    ).apply(
-        lambda out: {
-            "stack": plan.stack,
-            "aggregator": {
-                "name": "aggregator",
-                "cloud": agg.cloud,
-                "region": agg.region,
-                "instance_type": agg.instance_type,
-                "address": out["public_ip"],
-                "private_ip": out["private_ip"],
-                "port": agg.port,
-            },
-            "participants": out["sites"],
-        }
-    ),
+    ).apply(_inventory),
 )

@@ -11,7 +11,29 @@ from typing import Any
 import pytest
 
 from fedfleet.adapters import netns as localnet
+from fedfleet.adapters.processes import ProcessGroup
+from fedfleet.core.inventory import Inventory
+from fedfleet.core.paths import StackPaths, stack_paths
+from fedfleet.core.stack import StackConfig, load_stack
+from fedfleet.hosts import Hosts, for_stack
 from fedfleet.sandbox import scratch_project
+from fedfleet.stages import configure, provision
+
+
+class Local:
+    """A local stack's pieces, as the workflow puts them together (no processes started)."""
+
+    def __init__(self, project: Path, name: str = "local", *, with_network: bool = False) -> None:
+        self.project = project
+        self.stack: StackConfig = load_stack(project, name)
+        self.paths: StackPaths = stack_paths(self.stack, project)
+        self.inventory: Inventory = provision.up_local(self.stack, project, with_network=with_network)
+        self.hosts: Hosts = for_stack(self.stack, self.inventory, self.paths, ProcessGroup())
+
+    def ansible(self, serving: list[str] | None = None, flwr_bin: str = "/x/flwr") -> dict[str, Any]:
+        return configure.ansible_inventory(
+            self.stack, self.inventory, self.paths, self.hosts, serving or [], flwr_bin=flwr_bin
+        )
 
 
 def why_no_namespaces() -> str | None:

@@ -141,10 +141,12 @@ def test_npz_with_wrong_labels(make_project, tmp_path: Path):
     assert "labels range over 0..3 but there are 3 classes" in result.stderr
 
 
-def test_cloud_stack_is_refused_before_anything_starts(make_project):
+def test_a_cloud_stack_that_is_not_up_says_how_to_create_it(make_project):
     config = local_config()
     config["fedfleet:aggregator"] = {"cloud": "aws", "region": "us-east-1", "instanceType": "m6i.xlarge"}
     del config["fedfleet:local"]
+    del config["fedfleet:data"]
+    config["fedfleet:app"]["classes"] = ["a", "b"]
     for participant in config["fedfleet:participants"]:
         participant.update(cloud="aws", region="us-east-1")
         del participant["location"]
@@ -152,6 +154,19 @@ def test_cloud_stack_is_refused_before_anything_starts(make_project):
             del vm["port"]
     project = make_project(config)
     result = fedfleet(project, "run")
-    assert result.returncode == 4
-    assert "drives local stacks only so far" in result.stderr
-    assert not (project / "runs").exists() and not (project / ".fedfleet").exists()
+    assert result.returncode == 2, result.stderr
+    assert "has no inventory yet" in result.stderr and "fedfleet up --stack local" in result.stderr
+    assert not (project / "runs").exists()
+
+
+def test_demo_data_is_for_the_local_stack_only(make_project):
+    config = local_config()
+    del config["fedfleet:local"]
+    for participant in config["fedfleet:participants"]:
+        participant.update(cloud="aws", region="us-east-1")
+        for vm in participant["vms"]:
+            del vm["port"]
+    result = fedfleet(make_project(config), "run")
+    assert result.returncode == 2
+    assert "fedfleet:data.demo: writes the demo partitions on this machine" in result.stderr
+    assert "fedfleet never copies training data" in result.stderr

@@ -5,16 +5,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from fedfleet import configure, localstack
+from fedfleet import workflow
+from fedfleet.adapters import ansible
+from fedfleet.adapters.processes import ProcessGroup
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.inventory import VM, AggregatorHost, Inventory
+from fedfleet.core.paths import data_path, stack_paths
+from fedfleet.core.selection import Probe, Verdict
 from fedfleet.core.stack import load_stack
+from fedfleet.hosts import for_stack
 from fedfleet.sandbox import REPO, local_config, scratch_project
+from fedfleet.stages import configure
 from fedfleet.stages.probe import choose
+
+from .conftest import Local
 
 
 def hosts_of(inventory: dict, group: str) -> dict:
@@ -26,13 +35,12 @@ def hosts_of(inventory: dict, group: str) -> dict:
 
 def test_local_inventory_has_every_host_and_one_supernode_per_participant(tmp_path: Path):
     project = scratch_project(tmp_path / "p", local_config(vms_per_participant=2))
-    stack = load_stack(project, "local")
-    inventory = localstack.up(stack, project)
-    chosen = {name: vms[0] for name, vms in inventory.participants.items()}
-    hosts = configure.ansible_inventory(stack, inventory, project, chosen, flwr_bin="/x/flwr")
+    local = Local(project)
+    stack, inventory = local.stack, local.inventory
+    hosts = local.ansible([vms[0].name for vms in inventory.participants.values()])
 
     shared = hosts["all"]["vars"]
-    assert shared["ansible_connection"] == "local" and shared["flower_common_service_manager"] == "supervisor"
+    assert shared["flower_common_service_manager"] == "supervisor"
     assert shared["flower_common_install"] is False and shared["flower_common_venv"] == sys.prefix
     assert hosts_of(hosts, "supernodes") == {"us-vm-1": {}, "asia-vm-1": {}, "eu-vm-1": {}}
     every_vm = hosts_of(hosts, "participants")
@@ -46,8 +54,9 @@ def test_local_inventory_has_every_host_and_one_supernode_per_participant(tmp_pa
     )
     us1 = every_vm["us-vm-1"]
     assert us1["flower_supernode_runtime_port"] == stack.participant("hospital-us").vms[0].port
-    assert us1["flower_supernode_data_path"] == str(localstack.data_path(stack, project, "hospital-us"))
-    assert Path(us1["flower_common_home"]) == localstack.paths(stack, project).vm_home("us-vm-1")
+    assert us1["ansible_connection"] == "local"
+    assert us1["flower_supernode_data_path"] == str(data_path(stack, project, "hospital-us"))
+    assert Path(us1["flower_common_home"]) == stack_paths(stack, project).vm_home("us-vm-1")
     assert len(us1["flower_supernode_worker_socket"]) <= 100
     # Paths to key material, never the material itself.
     assert "PRIVATE KEY" not in json.dumps(hosts)
@@ -57,17 +66,28 @@ def test_stopped_vms_are_not_chosen_and_runs_rotate(tmp_path: Path):
     config = local_config(vms_per_participant=3)
     config["fedfleet:participants"][1]["vms"][0]["state"] = "stopped"
     project = scratch_project(tmp_path / "p", config)
-    stack = load_stack(project, "local")
-    inventory = localstack.up(stack, project)
+    local = Local(project)
+    # As the probe finds them: hospital-asia's first VM is stopped.
+    verdicts = {
+        p.name: [
+            Verdict(
+                Probe(vm.name, p.name, vm.state == "active", 2, 4, 10),
+                "" if vm.state == "active" else "inactive",
+            )
+            for vm in p.vms
+        ]
+        for p in local.stack.participants
+    }
     served = []
     for _ in range(3):
-        chosen, order, _ = choose(stack, inventory, project, advance=True)
+        chosen, order = choose(local.stack, local.inventory, local.paths, verdicts, advance=True)
         served.append(chosen["hospital-asia"].name)
         assert order["hospital-asia"][0] == chosen["hospital-asia"].name
     assert served == ["asia-vm-2", "asia-vm-3", "asia-vm-2"]
     # Without advancing (fedfleet configure), the choice stays where the rotation is.
-    assert choose(stack, inventory, project, advance=False)[0]["hospital-asia"].name == "asia-vm-3"
-    assert choose(stack, inventory, project, advance=False)[0]["hospital-asia"].name == "asia-vm-3"
+    for _ in range(2):
+        chosen, _ = choose(local.stack, local.inventory, local.paths, verdicts, advance=False)
+        assert chosen["hospital-asia"].name == "asia-vm-3"
 
 
 def cloud_inventory() -> Inventory:
@@ -82,23 +102,32 @@ def cloud_inventory() -> Inventory:
     )  # fmt: skip
 
 
-def test_cloud_inventory_reaches_vms_over_ssh_with_systemd(tmp_path: Path):
+def test_cloud_inventory_reaches_vms_over_ssh(tmp_path: Path):
     project = scratch_project(tmp_path / "p")
     (project / "stacks" / "Pulumi.dev.yaml").write_text((REPO / "stacks" / "Pulumi.dev.yaml").read_text())
     stack = load_stack(project, "dev")
     inventory = cloud_inventory()
-    chosen = {name: vms[0] for name, vms in inventory.participants.items()}
-    hosts = configure.ansible_inventory(stack, inventory, project, chosen, flwr_bin="flwr")
-    shared = hosts["all"]["vars"]
-    assert shared["ansible_user"] == "fedfleet" and shared["ansible_become"] is True
-    assert (
-        "ansible_connection" not in shared and "flower_common_service_manager" not in shared
-    )  # systemd default
+    paths = stack_paths(stack, project)
+    hosts = for_stack(stack, inventory, paths, ProcessGroup())
+    ansible_hosts = configure.ansible_inventory(
+        stack, inventory, paths, hosts, ["a-vm-1", "b-vm-1"], flwr_bin="flwr"
+    )
+    shared = ansible_hosts["all"]["vars"]
     assert shared["flower_supernode_superlink"] == "198.51.100.7:9443"
-    assert Path(shared["flower_supernode_app_src"], "worker.py").exists()
-    agg = hosts_of(hosts, "aggregator")["aggregator"]
+    with tarfile.open(shared["flower_supernode_app_src"]) as app:
+        assert app.getmember("fedfleet_app/worker.py").isfile()
+    assert "flwr==1.41.0" in shared["flower_common_packages"]
+    agg = hosts_of(ansible_hosts, "aggregator")["aggregator"]
     assert agg["ansible_host"] == "198.51.100.7" and agg["flower_superlink_host"] == "0.0.0.0"
-    vm = hosts_of(hosts, "participants")["a-vm-1"]
+    # As the operator's admin user, through the host's one SSH connection, host keys checked
+    # against the stack's own file; systemd where the host has it (sudo only for those tasks).
+    assert agg["ansible_user"] == "fedfleet" and "ansible_become" not in agg
+    assert agg["flower_common_service_manager"] == "auto"
+    common = agg["ansible_ssh_common_args"]
+    assert "ControlPath=" in common and "BatchMode=yes" in common and "ForwardAgent=no" in common
+    assert f"UserKnownHostsFile={project / '.fedfleet' / 'dev' / 'known_hosts'}" in common
+    assert "ControlPersist=no" in agg["ansible_ssh_args"]
+    vm = hosts_of(ansible_hosts, "participants")["a-vm-1"]
     assert vm["ansible_host"] == "10.20.1.10"
     assert vm["flower_supernode_data_path"] == "/srv/fedfleet/sites/hospital-a/data"
 
@@ -107,7 +136,7 @@ def test_configure_a_cloud_stack_before_it_is_up_says_what_to_do(tmp_path: Path)
     project = scratch_project(tmp_path / "p")
     (project / "stacks" / "Pulumi.dev.yaml").write_text((REPO / "stacks" / "Pulumi.dev.yaml").read_text())
     with pytest.raises(ConfigError, match=r"has no inventory yet .*fedfleet up --stack dev"):
-        configure.configure_stack(project, "dev")
+        workflow.configure_stack(project, "dev")
     done = subprocess.run(
         [sys.executable, "-m", "fedfleet", "--project", str(project), "configure", "--stack", "dev"],
         capture_output=True, text=True, check=False,
@@ -123,5 +152,5 @@ def test_a_failed_loop_item_explains_itself():
             {"item": "/b", "failed": True, "msg": "permission denied: /b"},
         ],
     }
-    assert configure._message(res) == "permission denied: /b"
-    assert "details hidden" in configure._message({"censored": "hidden", "msg": ""})
+    assert ansible._message(res) == "permission denied: /b"
+    assert "details hidden" in ansible._message({"censored": "hidden", "msg": ""})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -121,22 +122,29 @@ def test_promote_copies_training_and_keeps_the_environment(project: Path):
 
 
 def test_promotion_that_would_break_the_target_writes_nothing(project: Path):
-    # dev trains on the demo data, so its app has no class list; prod has its own data
-    # (fedfleet:data is not promoted) and needs one: the promoted prod would be invalid.
-    dev = project / "stacks" / "Pulumi.dev.yaml"
+    # dev asks every one of its three participants in every round; prod (whose participants
+    # are its own: they are not promoted) has two, so the promoted prod would be invalid.
     yaml = YAML()
+    dev = project / "stacks" / "Pulumi.dev.yaml"
     data = yaml.load(dev.read_text())
-    data["config"]["fedfleet:data"] = {"demo": True}
-    for key in ("classes", "image-size", "channels"):
-        del data["config"]["fedfleet:app"][key]
+    third = copy.deepcopy(data["config"]["fedfleet:participants"][1])
+    third.update(name="hospital-c", cidr="10.22.0.0/16")
+    third["vms"][0]["name"] = "c-vm-1"
+    data["config"]["fedfleet:participants"].append(third)
+    data["config"]["fedfleet:app"]["min-participants"] = 3
     with dev.open("w") as fh:
         yaml.dump(data, fh)
     prod_path = project / "stacks" / "Pulumi.prod.yaml"
+    prod = yaml.load(prod_path.read_text())
+    del prod["config"]["fedfleet:participants"][2]
+    with prod_path.open("w") as fh:
+        yaml.dump(prod, fh)
     before = prod_path.read_text()
     result = fedfleet(project, "promote", "--from", "dev", "--to", "prod", "--yes")
-    assert result.returncode == 2
-    assert "Pulumi.prod.yaml: fedfleet:app.classes: is required with your own data" in " ".join(
-        result.stderr.split()
+    assert result.returncode == 2, result.stderr
+    assert (
+        "Pulumi.prod.yaml: fedfleet:app.min-participants: is 3 but the stack has 2 participants"
+        in " ".join(result.stderr.split())
     )
     assert prod_path.read_text() == before
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 from fedfleet_app.task import build_model
 
-from fedfleet import localstack
 from fedfleet.adapters import netns as localnet
 from fedfleet.adapters.processes import tree
 from fedfleet.core.stack import load_stack
 from fedfleet.sandbox import free_ports, local_config
+from fedfleet.stages import provision
 
 from .conftest import running_processes_mentioning, why_no_namespaces
 from .test_cli_errors import earlier_run, fedfleet
@@ -57,8 +57,13 @@ def server_events(project: Path) -> list[dict]:
     return [json.loads(line) for line in found[-1].read_text().splitlines() if line.strip()]
 
 
-def test_two_rounds_three_participants(make_project):
+def test_configure_then_two_rounds_three_participants(make_project):
     project = make_project()
+    configured = fedfleet(project, "configure", "--json", timeout=300)
+    assert configured.returncode == 0, configured.stderr
+    assert json.loads(configured.stdout)["changed"] > 0
+    # Those SuperNodes connected during `configure`: the run's play leaves them as they
+    # are and the run accepts them (it does not wait for a new connection).
     proc = start_run(project, "--rounds", "2", "--json")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
@@ -92,11 +97,17 @@ def test_two_rounds_three_participants(make_project):
     assert (
         summary["timings"]["round_mean_seconds"] > summary["timings"]["round_mean_client_compute_seconds"] > 0
     )
-    # Flower was started through the playbook, on each host, with nothing failed.
+    # Flower runs through the playbook, on each host, with nothing failed; as `configure`
+    # had started it, the run's play changed nothing and each SuperNode was tried once.
     play = summary["configure"]
     assert play["playbook"] == "site.yml" and play["problems"] == []
     assert set(play["hosts"]) == {"aggregator", *served.values()}
     assert all(h.get("failures", 0) == 0 and h["ok"] > 0 for h in play["hosts"].values())
+    assert play["changed"] == 0
+    tried = summary["orchestration"]["tried"]
+    assert {p: [a["vm"] for a in attempts] for p, attempts in tried.items()} == {
+        "hospital-us": ["us-vm-1"], "hospital-asia": ["asia-vm-1"], "hospital-eu": ["eu-vm-1"],
+    }  # fmt: skip
     assert summary["stop"]["seconds"] > 0
     assert running_processes_mentioning(str(project)) == []
 
@@ -113,24 +124,33 @@ def started_round(project: Path, n: int) -> bool:
 
 
 def test_lost_vms_are_replaced_and_the_run_completes(make_project):
-    project = make_project()  # two VMs per participant
-    proc = start_run(project, "--rounds", "4", "--json")
-    # Round 2: hospital-asia's serving VM dies (its supervisor, SuperNode and worker).
-    wait_until(lambda: started_round(project, 2), 300, "round 2", proc)
-    killed_at = time.time()
-    kill_vm(project, "asia-vm-1")
-    # Round 3: only hospital-us's SuperNode process dies (its supervisor restarts it).
-    wait_until(lambda: started_round(project, 3), 300, "round 3", proc)
-    (supernode,) = [
-        int(line.split(":")[0])
-        for line in running_processes_mentioning(str(project / ".fedfleet" / "local" / "vms" / "us-vm-1"))
-        if "bin/flower-supernode" in line
-    ]
-    os.kill(supernode, signal.SIGKILL)
-    out, err = proc.communicate(timeout=600)
+    ports = free_ports(7)  # the aggregator, then us-vm-1, us-vm-2, asia-vm-1, asia-vm-2, eu-vm-1, eu-vm-2
+    project = make_project(local_config(ports=ports))  # two VMs per participant
+    with socket.socket() as squatter:  # eu-vm-1's SuperNode port is taken: eu-vm-2 serves
+        squatter.bind(("127.0.0.1", ports[5]))
+        squatter.listen()
+        proc = start_run(project, "--rounds", "3", "--json")
+        # Round 1: hospital-asia's serving VM dies (its supervisor, SuperNode and worker).
+        wait_until(lambda: started_round(project, 1), 300, "round 1", proc)
+        killed_at = time.time()
+        kill_vm(project, "asia-vm-1")
+        # Round 2: only hospital-us's SuperNode process dies (its supervisor restarts it).
+        wait_until(lambda: started_round(project, 2), 300, "round 2", proc)
+        (supernode,) = [
+            int(line.split(":")[0])
+            for line in running_processes_mentioning(str(project / ".fedfleet" / "local" / "vms" / "us-vm-1"))
+            if "bin/flower-supernode" in line
+        ]
+        os.kill(supernode, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     summary = json.loads(out)
-    assert summary["status"] == "completed" and summary["rounds_completed"] == 4
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    # At start: the taken port is named and the participant's next VM serves.
+    taken, eu_next = summary["orchestration"]["tried"]["hospital-eu"]
+    assert taken["vm"] == "eu-vm-1" and f"port {ports[5]} on eu-vm-1 is already in use" in taken["error"]
+    assert eu_next == {**eu_next, "vm": "eu-vm-2", "error": ""}
+    # During the run: both losses noticed and replaced.
     vm_lost, process_lost = summary["orchestration"]["failovers"]
     assert vm_lost["participant"] == "hospital-asia" and vm_lost["lost_vm"] == "asia-vm-1"
     assert "the supervisor of asia-vm-1 (hospital-asia) does not answer" in vm_lost["why"]
@@ -145,15 +165,17 @@ def test_lost_vms_are_replaced_and_the_run_completes(make_project):
     rounds = {r["round"]: r for r in summary["rounds"]}
     # Each round went on without the lost node; the participant is back in the next round.
     served = {r: {s["participant"]: s["vm"] for s in rounds[r]["sites"]["train"]} for r in rounds if r}
-    assert served[1] == {"hospital-us": "us-vm-1", "hospital-asia": "asia-vm-1", "hospital-eu": "eu-vm-1"}
-    assert served[2] == {"hospital-us": "us-vm-1", "hospital-eu": "eu-vm-1"}
-    assert served[3] == {"hospital-asia": "asia-vm-2", "hospital-eu": "eu-vm-1"}
-    assert served[4] == {"hospital-us": "us-vm-2", "hospital-asia": "asia-vm-2", "hospital-eu": "eu-vm-1"}
+    assert served[1] == {"hospital-us": "us-vm-1", "hospital-eu": "eu-vm-2"}
+    assert served[2] == {"hospital-asia": "asia-vm-2", "hospital-eu": "eu-vm-2"}
+    assert served[3] == {"hospital-us": "us-vm-2", "hospital-asia": "asia-vm-2", "hospital-eu": "eu-vm-2"}
     lost = [(e["round"], str(e["node"])) for e in summary["errors"]]
-    assert lost == [(2, vm_lost["node_id"]), (3, process_lost["node_id"])]
-    assert set(rounds[4]["metrics"]) == {"loss", "accuracy", "f1", "precision", "recall"}
+    assert lost == [(1, vm_lost["node_id"]), (2, process_lost["node_id"])]
+    assert set(rounds[3]["metrics"]) == {"loss", "accuracy", "f1", "precision", "recall"}
     run_dir = project / "runs" / summary["run_id"]
     assert (run_dir / "logs" / "asia-vm-2-flower-supernode.log").stat().st_size > 0
+    # The next run starts after the VMs that served last.
+    rotation = json.loads((project / ".fedfleet" / "local" / "rotation.json").read_text())
+    assert rotation["positions"] == {"hospital-us": 0, "hospital-asia": 0, "hospital-eu": 0}
     assert running_processes_mentioning(str(project)) == []
 
 
@@ -166,11 +188,11 @@ def test_a_vm_whose_network_link_is_cut_is_replaced(make_project):
         "subnet": f"10.231.{secrets.randbelow(200) + 20}.0/24",
     }
     project = make_project(config)
-    net = localstack.network(load_stack(project, "local"), project)
+    net = provision.network(load_stack(project, "local"), project)
     assert net is not None
-    proc = start_run(project, "--rounds", "3", "--json")
+    proc = start_run(project, "--rounds", "2", "--json")
     try:
-        wait_until(lambda: started_round(project, 2), 300, "round 2", proc)
+        wait_until(lambda: started_round(project, 1), 300, "round 1", proc)
         # asia-vm-1's SuperNode runs in that VM's namespace: the SuperLink is reachable
         # from there only over the VM's link, which is now cut (the VM itself runs on).
         home = str(project / ".fedfleet" / "local" / "vms" / "asia-vm-1")
@@ -194,10 +216,10 @@ def test_a_vm_whose_network_link_is_cut_is_replaced(make_project):
         if proc.poll() is None:  # the test failed first: let the run stop what it started
             proc.terminate()
             proc.wait(120)
-        localstack.down_network(load_stack(project, "local"), project)
+        provision.down_network(load_stack(project, "local"), project)
     assert proc.returncode == 0, err
     summary = json.loads(out)
-    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
     (cut,) = summary["orchestration"]["failovers"]
     assert cut["lost_vm"] == "asia-vm-1" and cut["replacement"] == "asia-vm-2"
     assert (
@@ -211,50 +233,10 @@ def test_a_vm_whose_network_link_is_cut_is_replaced(make_project):
     )
     assert 0 <= detected < 10 and recovered < 60  # Flower's heartbeat alone: up to 60 s to notice
     served = {r["round"]: {s["vm"] for s in r["sites"]["train"]} for r in summary["rounds"] if r["round"]}
-    assert served[2] == {"us-vm-1", "eu-vm-1"} and served[3] == {"us-vm-1", "asia-vm-2", "eu-vm-1"}
-    assert [(e["round"], str(e["node"])) for e in summary["errors"]] == [(2, cut["node_id"])]
+    assert served[1] == {"us-vm-1", "eu-vm-1"} and served[2] == {"us-vm-1", "asia-vm-2", "eu-vm-1"}
+    assert [(e["round"], str(e["node"])) for e in summary["errors"]] == [(1, cut["node_id"])]
     # The run removed the VMs' namespaces and bridge, and left no process.
     assert left == []
-    assert running_processes_mentioning(str(project)) == []
-
-
-def test_a_vm_whose_supernode_cannot_start_hands_over_to_the_next(make_project):
-    ports = free_ports(7)
-    project = make_project(local_config(ports=ports))
-    with socket.socket() as squatter:  # asia-vm-1's SuperNode port is taken
-        squatter.bind(("127.0.0.1", ports[3]))
-        squatter.listen()
-        proc = start_run(project, "--rounds", "1", "--json")
-        out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    summary = json.loads(out)
-    assert {p["name"]: p["vm"] for p in summary["participants"]}["hospital-asia"] == "asia-vm-2"
-    first, second = summary["orchestration"]["tried"]["hospital-asia"]
-    assert first["vm"] == "asia-vm-1" and f"port {ports[3]} on asia-vm-1 is already in use" in first["error"]
-    assert second == {**second, "vm": "asia-vm-2", "error": ""}
-    assert {s["vm"] for s in summary["rounds"][1]["sites"]["train"]} == {"us-vm-1", "asia-vm-2", "eu-vm-1"}
-    # The next run starts after the VM that served.
-    rotation = json.loads((project / ".fedfleet" / "local" / "rotation.json").read_text())
-    assert rotation["positions"]["hospital-asia"] == 0  # after asia-vm-2: back to asia-vm-1
-    assert running_processes_mentioning(str(project)) == []
-
-
-def test_a_run_after_configure_takes_the_supernodes_already_running(make_project):
-    project = make_project()
-    configured = fedfleet(project, "configure", "--json", timeout=300)
-    assert configured.returncode == 0, configured.stderr
-    # Those SuperNodes connected during `configure`: the run's play leaves them as they
-    # are and the run accepts them (it does not wait for a new connection).
-    proc = start_run(project, "--rounds", "1", "--json")
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    summary = json.loads(out)
-    assert summary["status"] == "completed"
-    tried = summary["orchestration"]["tried"]
-    assert {p: [a["vm"] for a in attempts] for p, attempts in tried.items()} == {
-        "hospital-us": ["us-vm-1"], "hospital-asia": ["asia-vm-1"], "hospital-eu": ["eu-vm-1"],
-    }  # fmt: skip
-    assert summary["configure"]["hosts"]["us-vm-1"].get("changed", 0) == 0
     assert running_processes_mentioning(str(project)) == []
 
 
@@ -284,7 +266,7 @@ def test_failed_run_stops_everything_and_keeps_earlier_results(make_project):
 
 def test_ctrl_c_stops_everything(make_project):
     project = make_project()
-    proc = start_run(project, "--rounds", "3")
+    proc = start_run(project, "--rounds", "1")
     wait_until(
         lambda: any(e["event"] == "started" for e in server_events(project)), 240, "the ServerApp", proc
     )

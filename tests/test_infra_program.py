@@ -197,3 +197,26 @@ def test_a_pulumi_test_without_the_decorator_fails(tmp_path: Path):
     )  # fmt: skip
     assert result.returncode == 1, result.stdout
     assert "PytestReturnNotNoneWarning" in result.stdout
+
+
+def test_a_mixed_stack_creates_the_aggregator_and_no_vm_for_machines_given_by_address():
+    """A cloud aggregator with one participant on its own machines: Pulumi creates nothing for
+    that participant, and the aggregator's firewall admits the range its machines come from."""
+    config = _prod()
+    config["fedfleet:participants"][2] = {
+        "name": "hospital-eu",
+        "location": {"lat": 52.37, "lon": 4.90},
+        "egressCidr": "198.51.100.0/28",
+        "ssh": {"user": "fl", "keyFile": "~/.ssh/fedfleet_ed25519"},
+        "vms": [
+            {"name": "eu-ws-1", "address": "198.51.100.5"},
+            {"name": "eu-ws-2", "address": "198.51.100.6"},
+        ],
+    }
+    rec, exported = run_program(config, stack="prod")
+    inventory = Inventory.from_dict(exported["inventory"], partial=True)
+    assert list(inventory.participants) == ["hospital-us", "hospital-asia"]  # fedfleet up adds the rest
+    assert not [r for r in rec.resources if "eu-" in r.name or r.typ.startswith("azure-native:")]
+    aggregator_rules = [src for resource, src in ingress_sources(rec) if resource.startswith("aggregator")]
+    assert "198.51.100.0/28" in aggregator_rules
+    assert inventory.aggregator is not None and inventory.aggregator.address

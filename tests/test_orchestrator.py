@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from fedfleet import configure
+from fedfleet.adapters import ansible
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.stack import load_stack
 from fedfleet.sandbox import local_config, scratch_project
-from fedfleet.stages.probe import _free_disk_gib
+from fedfleet.stages.probe import free_disk_gib
 
 from .test_cli_errors import assert_nothing_left, earlier_run
 
@@ -56,9 +56,9 @@ def test_free_disk_is_read_from_the_mount_that_holds_the_home():
             {"mount": "/srv/other", "size_available": 1 * 2**30},
         ]
     }
-    assert _free_disk_gib(facts, "/srv/fedfleet") == 200
-    assert _free_disk_gib(facts, "/opt/fedfleet") == 10
-    assert _free_disk_gib({}, "/opt") is None
+    assert free_disk_gib(facts, "/srv/fedfleet") == 200
+    assert free_disk_gib(facts, "/opt/fedfleet") == 10
+    assert free_disk_gib({}, "/opt") is None
 
 
 def test_orchestrator_keys_are_checked(tmp_path: Path):
@@ -109,7 +109,7 @@ def test_a_probe_that_hangs_ends_at_its_deadline():
                 "children": {"participants": {"children": {"participant_x": {"hosts": participant}}}},
             }
         }
-        result = configure.apply(configure.PROBE, hosts, check=False)
+        result = ansible.apply(ansible.PROBE, hosts, check=False)
     (problem,) = result.problems
     assert problem.host == "hung-vm" and "Timed out after 3 second(s)" in problem.message
     assert set(result.facts) == {"ok-vm"}

@@ -1,4 +1,4 @@
-"""TLS material and SuperNode keys (fedfleet/pki.py)."""
+"""TLS material for the SuperLink (fedfleet.adapters.pki)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import stat
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedfleet.adapters.pki import ensure_node_key, ensure_server_tls
+from fedfleet.adapters.pki import ensure_server_tls
 
 
 def test_server_certificate_names_every_address_and_chains_to_the_ca(tmp_path: Path):
@@ -36,15 +34,3 @@ def test_certificates_are_reused_until_the_names_change(tmp_path: Path):
     ensure_server_tls(tmp_path, ["127.0.0.1", "10.1.1.1"], "t")
     assert first.ca_cert.read_bytes() == ca_before  # same CA: SuperNodes keep trusting it
     assert first.cert.read_bytes() != cert_before
-
-
-def test_node_key_is_p384_openssh_and_stable(tmp_path: Path):
-    key = ensure_node_key(tmp_path, "vm-1")
-    private = serialization.load_ssh_private_key(key.private.read_bytes(), password=None)
-    public = serialization.load_ssh_public_key(key.public.read_bytes())
-    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
-    assert isinstance(public, ec.EllipticCurvePublicKey)
-    assert key.public.read_text().strip().endswith("vm-1")
-    assert stat.S_IMODE(key.private.stat().st_mode) == 0o600
-    before = key.private.read_bytes()
-    assert ensure_node_key(tmp_path, "vm-1").private.read_bytes() == before

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from fedfleet.core.errors import ConfigError
-from fedfleet.core.stack import load_stack
+from fedfleet.core.stack import load_stack, stack_yaml
 from fedfleet.sandbox import REPO, local_config
-from fedfleet.stages.plan import parse_weights, stack_yaml
+from fedfleet.stages.plan import parse_weights
 
 
 def fedfleet(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -168,3 +168,15 @@ def test_yaml_round_trip_is_stable_for_every_shipped_stack(tmp_path: Path):
         with out.open("w") as fh:
             yaml.dump(yaml.load(path.read_text()), fh)
         assert out.read_text() == path.read_text(), path.name
+
+
+def test_plan_keeps_an_aggregator_given_by_address(make_project):
+    """A hosts stack's aggregator is a machine: the plan is shown, the stack file untouched."""
+    project = make_project()
+    stack_file = project / "stacks" / "Pulumi.onprem.yaml"
+    stack_file.write_text((REPO / "stacks" / "Pulumi.onprem.yaml").read_text())
+    before = stack_file.read_text()
+    result = fedfleet(project, "--stack", "onprem")
+    assert result.returncode == 0, result.stderr
+    assert "fedfleet:aggregator has an address" in result.stdout
+    assert stack_file.read_text() == before

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedfleet.configure import PLAYBOOKS
+from fedfleet.adapters.ansible import PLAYBOOKS
 
 ROLES = sorted(p for p in (PLAYBOOKS / "roles").iterdir() if p.is_dir())
 

@@ -1,15 +1,12 @@
-"""The local stack's emulated network (`fedfleet:local.network: namespaces`).
+"""The local stack's emulated network, made and removed with iproute2
+(`fedfleet:local.network: namespaces`; the plan is `fedfleet.core.network`).
 
-Each emulated VM gets its own network namespace, joined to this machine by a veth pair
-on a private bridge: the bridge holds the subnet's first address (the SuperLink listens
-there), the VMs the next ones, in stack-file order. A VM's supervisor runs inside its
+A VM's supervisor runs inside its
 namespace (the `flower_common_netns` variable), so its SuperNode reaches the SuperLink
 only over that link, and the link can fail alone: `ip -n <namespace> link set eth0 down`
 cuts it as a real network fault would. Needs root and iproute2 (`ip`).
 
-Names carry a tag made from the stack's root directory, so two local stacks (or a test
-beside a developer's stack) never share a namespace or bridge; interface names stay
-within Linux's 15 characters. A subnet already on another interface is refused.
+A subnet already on another interface is refused.
 
 Exposure: the bridge's address is this machine's own, and Linux answers for its own
 addresses on every interface, so a machine on the same LAN that routes the subnet to
@@ -20,22 +17,20 @@ machine you control, not for serving.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
 import shutil
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from fedfleet.adapters.processes import terminate
 from fedfleet.core.errors import EnvironmentProblem
-from fedfleet.core.stack import PROJECT, StackConfig
+from fedfleet.core.network import VM_INTERFACE, Network, bridge_name
+from fedfleet.core.stack import PROJECT
 
 NETNS_DIR = Path("/run/netns")
-VM_INTERFACE = "eth0"
 
 
 def why_unavailable() -> str | None:
@@ -45,45 +40,6 @@ def why_unavailable() -> str | None:
     if shutil.which("ip") is None:
         return "iproute2 (`ip`) is not installed"
     return None
-
-
-def bridge_name(tag: str) -> str:
-    return f"ffb{tag}"
-
-
-@dataclass(frozen=True)
-class Network:
-    tag: str
-    gateway: str  # the bridge's address: where the SuperLink listens
-    prefixlen: int
-    vms: dict[str, str]  # vm -> its address
-
-    @property
-    def bridge(self) -> str:
-        return bridge_name(self.tag)
-
-    def namespace(self, vm: str) -> str:
-        return f"ff{self.tag}-{vm}"
-
-    def host_interface(self, vm: str) -> str:
-        """The bridge's end of the VM's veth pair (named from the VM, not its position)."""
-        return f"ffv{hashlib.sha256(f'{self.tag}/{vm}'.encode()).hexdigest()[:8]}"
-
-
-def tag_for(root: Path) -> str:
-    return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:5]
-
-
-def plan(stack: StackConfig, root: Path) -> Network | None:
-    """The network of a local stack in namespaces mode (None in loopback mode)."""
-    if stack.local is None or stack.local.network != "namespaces":
-        return None
-    tag = tag_for(root)
-    subnet = ipaddress.ip_network(stack.local.subnet)
-    hosts = subnet.hosts()
-    gateway = str(next(hosts))
-    names = [vm.name for p in stack.participants for vm in p.vms]
-    return Network(tag, gateway, subnet.prefixlen, {vm: str(next(hosts)) for vm in names})
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

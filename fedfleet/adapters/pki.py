@@ -1,9 +1,9 @@
-"""TLS material for the SuperLink and authentication keys for SuperNodes.
+"""TLS material for the SuperLink.
 
 A stack gets its own certificate authority; the SuperLink's certificate carries
 every address it is reached at (127.0.0.1 included: the SuperLink connects to
-itself to run the ServerApp). SuperNode keys are ECDSA P-384 in OpenSSH format,
-the kind `flower-supernode --auth-supernode-private-key` accepts.
+itself to run the ServerApp, and the operator's `flwr` reaches it through an SSH
+tunnel there). SuperNode keys are made on the VMs by the Ansible role.
 
 Existing files are reused while they still fit (same SANs, not close to expiry),
 so repeated runs keep the same CA and the SuperLink keeps its registrations.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from fedfleet.core.util import atomic_write
 
 VALIDITY = dt.timedelta(days=365)
 RENEW_BEFORE = dt.timedelta(days=30)
@@ -36,26 +37,12 @@ class ServerTLS:
     key: Path
 
 
-@dataclass(frozen=True)
-class NodeKey:
-    private: Path
-    public: Path
-
-
 def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    tmp.replace(path)
+    atomic_write(path, data, 0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write(path, data, 0o644)
 
 
 def _san_entries(names: Sequence[str]) -> list[x509.GeneralName]:
@@ -159,22 +146,3 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def ensure_node_key(directory: Path, comment: str) -> NodeKey:
-    """An ECDSA P-384 key pair in OpenSSH format, created once per VM."""
-    node = NodeKey(directory / "node_key", directory / "node_key.pub")
-    if node.private.exists() and node.public.exists():
-        return node
-    key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(
-        node.private,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        ),
-    )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write_public(node.public, public + f" {comment}\n".encode())
-    return node

@@ -23,12 +23,14 @@ import os
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedfleet.core.errors import EnvironmentProblem
+from fedfleet.core.util import atomic_write, poll
 
 MARKER = "FEDFLEET_PROCESS_GROUP"
 
@@ -115,14 +117,11 @@ def terminate(pids: set[int], timeout: float) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while (left := living(pids)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in left:
+    poll(lambda: not living(pids), timeout, every=0.05)
+    for pid in living(pids):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    while living(pids) and time.monotonic() < deadline + 5:
-        time.sleep(0.05)
+    poll(lambda: not living(pids), 5, every=0.05)
 
 
 class ProcessGroup:
@@ -133,6 +132,7 @@ class ProcessGroup:
         self.procs: list[Managed] = []
         self.claims: list[str] = []
         self.token = secrets.token_hex(8)
+        self.lock = threading.RLock()  # hosts connect in threads of their own
 
     def __enter__(self) -> ProcessGroup:
         return self
@@ -148,16 +148,18 @@ class ProcessGroup:
         log: Path,
         cwd: Path | None = None,
         tier: int = 0,
+        pipes: bool = False,
     ) -> Managed:
-        """Start `argv`; higher tiers are stopped first (clients before the server)."""
+        """Start `argv`; higher tiers are stopped first (clients before the server). With
+        `pipes`, its stdin and stdout are pipes to this process (its stderr goes to the log)."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             try:
                 popen = subprocess.Popen(
                     list(argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE if pipes else out,
+                    stderr=out if pipes else subprocess.STDOUT,
                     env={**env, MARKER: self.token},
                     cwd=cwd,
                     start_new_session=True,
@@ -168,8 +170,9 @@ class ProcessGroup:
                     "(make setup) and run fedfleet from its environment"
                 ) from err
         proc = Managed(name, list(argv), log, popen, tier)
-        self.procs.append(proc)
-        self._write_pidfile()
+        with self.lock:
+            self.procs.append(proc)
+            self._write_pidfile()
         return proc
 
     def claim(self, name: str) -> dict[str, str]:
@@ -179,6 +182,16 @@ class ProcessGroup:
         self.claims.append(name)
         self._write_pidfile()
         return {MARKER: self.token}
+
+    def stop(self, proc: Managed, timeout: float = 10.0) -> None:
+        """Stop one process (and its tree) before the others, and forget it."""
+        terminate(tree([proc.pid]), timeout)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=5)
+        with self.lock:
+            if proc in self.procs:
+                self.procs.remove(proc)
+                self._write_pidfile()
 
     def stop_all(self, timeout: float = 10.0) -> None:
         """Stop tier by tier, highest first: a SuperNode must see its SuperLink to sign off."""
@@ -200,11 +213,10 @@ class ProcessGroup:
         if not self.procs and not self.claims:
             self.pidfile.unlink(missing_ok=True)
             return
-        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         entries = [
             {"name": p.name, "pgid": p.pid, "argv0": p.argv[0], "token": self.token} for p in self.procs
         ] + [{"name": name, "pgid": 0, "argv0": "", "token": self.token} for name in self.claims]
-        self.pidfile.write_text(json.dumps(entries) + "\n")
+        atomic_write(self.pidfile, json.dumps(entries) + "\n")
 
 
 def _leader_runs(pid: int, argv0: str) -> bool:

@@ -19,6 +19,7 @@ from fedfleet.cli import plan as plan_cmd
 from fedfleet.cli import promote as promote_cmd
 from fedfleet.cli import run as run_cmd
 from fedfleet.cli import stacks as stack_cmds
+from fedfleet.cli import trust as trust_cmd
 from fedfleet.cli import vms as vms_cmd
 from fedfleet.core.errors import ConfigError, FedfleetError
 
@@ -76,6 +77,7 @@ app.command("promote", help=promote_cmd.HELP)(promote_cmd.command)
 app.command("configure", help=configure_cmd.CONFIGURE_HELP)(configure_cmd.configure_command)
 app.command("stop", help=configure_cmd.STOP_HELP)(configure_cmd.stop_command)
 app.command("vms", help=vms_cmd.HELP)(vms_cmd.command)
+app.command("trust", help=trust_cmd.HELP)(trust_cmd.command)
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:

@@ -7,7 +7,8 @@ import json
 import typer
 from rich.console import Console
 
-from fedfleet import configure
+from fedfleet import workflow
+from fedfleet.adapters import ansible
 from fedfleet.cli.progress import PlayProgress
 
 STACK_HELP = "Stack name: stacks/Pulumi.<stack>.yaml."
@@ -25,7 +26,7 @@ def _apply(ctx: typer.Context, stack: str, playbook: str, limit: str | None, as_
 
     console = Console(stderr=True)
     with PlayProgress(console, f"ansible-playbook {playbook} --stack {stack}") as progress:
-        report = configure.configure_stack(
+        report = workflow.configure_stack(
             project_dir(ctx), stack, playbook=playbook, limit=limit, progress=progress
         )
     if as_json:
@@ -48,7 +49,7 @@ def configure_command(
     limit: str | None = typer.Option(None, "--limit", help=LIMIT_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    _apply(ctx, stack, configure.SITE, limit, as_json)
+    _apply(ctx, stack, ansible.SITE, limit, as_json)
 
 
 def stop_command(
@@ -57,4 +58,4 @@ def stop_command(
     limit: str | None = typer.Option(None, "--limit", help=LIMIT_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    _apply(ctx, stack, configure.STOP, limit, as_json)
+    _apply(ctx, stack, ansible.STOP, limit, as_json)

@@ -121,5 +121,10 @@ def show(console: Console, report: planner.PlanReport, data: dict, project: Path
     console.print(f"plot: {plot}")
     if report.written:
         console.print(f"wrote fedfleet:aggregator to {report.stack.path.relative_to(project)}")
+    elif report.stack.aggregator.existing:
+        console.print(
+            "stack file unchanged: fedfleet:aggregator has an address (a machine you have); "
+            "remove address to run the aggregator where the plan places it"
+        )
     else:
         console.print("stack file unchanged")

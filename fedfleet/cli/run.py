@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from fedfleet import runner
+from fedfleet import workflow
 from fedfleet.cli.progress import PlayProgress
 from fedfleet.core.records import RunState
 
@@ -123,7 +123,7 @@ def command(
     console = Console(stderr=as_json)
     display = None if as_json else LiveDisplay(console, rounds)
     try:
-        summary = runner.run(project, stack, rounds=rounds, observer=display)
+        summary = workflow.run(project, stack, rounds=rounds, observer=display)
     finally:
         if display is not None:
             display.close()

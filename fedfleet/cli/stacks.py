@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedfleet import workflow
 from fedfleet.core.inventory import Inventory
 from fedfleet.stages import provision as deploy
 
@@ -77,7 +78,7 @@ def destroy(
     t = deploy.target(project_dir(ctx), stack)
     if not yes and not typer.confirm(f"Destroy every resource of stack {stack!r}?", default=False):
         raise typer.Exit(1)
-    deploy.destroy(t, _echo_to_stderr)
+    workflow.destroy(t, _echo_to_stderr)
 
 
 def outputs(

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedfleet.stages import probe as orchestrator
+from fedfleet import workflow
 
 HELP = (
     "Probe every participant VM of a stack (in parallel, each within "
@@ -27,7 +27,7 @@ def command(
 
     console = Console(stderr=True)
     with console.status("probing the participant VMs (playbooks/probe.yml)"):
-        report = orchestrator.vms_report(project_dir(ctx), stack)
+        report = workflow.vms_report(project_dir(ctx), stack)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -9,13 +9,13 @@ file and key. The Pulumi program (infra/) only turns this plan into resources.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 from dataclasses import dataclass
 
 from fedfleet.core.catalog import Catalog
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.stack import PROJECT, Operator, StackConfig, VMSpec
+from fedfleet.core.util import closest
 
 DEFAULT_SITE_CIDR = "10.{n}.0.0/16"  # participant i gets 10.(20 + i).0.0/16
 # Resource names are "site-<participant>-<vm>-<suffix>" plus Pulumi's 8-character
@@ -55,22 +55,23 @@ class AggregatorPlan:
 
 @dataclass(frozen=True)
 class InfraPlan:
+    """What Pulumi creates. Hosts the stack gives by address are not in it: a mixed stack
+    (e.g. a cloud aggregator for on-premises participants) plans only the cloud part."""
+
     stack: str
     operator: Operator
-    aggregator: AggregatorPlan
+    aggregator: AggregatorPlan | None  # None: the aggregator is a machine given by address
     sites: tuple[SitePlan, ...]
+    # Public ranges the participants with machines of their own connect from: admitted to
+    # the SuperLink port beside the cloud sites' NAT addresses.
+    own_sources: tuple[str, ...] = ()
 
     @property
     def locations(self) -> list[tuple[str, str]]:
         """Every (cloud, region) the stack touches: one explicit provider each."""
-        seen = [(self.aggregator.cloud, self.aggregator.region)]
+        seen = [(self.aggregator.cloud, self.aggregator.region)] if self.aggregator else []
         seen += [(s.cloud, s.region) for s in self.sites]
         return list(dict.fromkeys(seen))
-
-
-def _closest(value: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(value, options, n=3, cutoff=0.5)
-    return f"closest: {', '.join(close)}" if close else f"{len(options)} known"
 
 
 def infra_plan(stack: StackConfig, catalog: Catalog) -> InfraPlan:
@@ -80,7 +81,14 @@ def infra_plan(stack: StackConfig, catalog: Catalog) -> InfraPlan:
             f"{stack.path}: is a local stack (it has {PROJECT}:local): its VMs are emulated by "
             "`fedfleet up --stack local`, not provisioned with Pulumi"
         )
+    if stack.kind == "hosts":
+        raise ConfigError(
+            f"{stack.path}: every host of stack {stack.name!r} is given by address: there is "
+            "nothing for Pulumi to create (`fedfleet up` only checks and prints its inventory)"
+        )
     agg = stack.aggregator
+    if agg.existing:
+        return _plan_sites(stack, catalog, None)
     if not agg.placed:
         raise ConfigError(
             f"{where}aggregator: has no cloud, region and instanceType yet; run "
@@ -92,13 +100,25 @@ def infra_plan(stack: StackConfig, catalog: Catalog) -> InfraPlan:
         regions = sorted({r for c, r, _ in catalog.prices if c == agg.cloud})
         if agg.region not in regions:
             raise ConfigError(
-                f"{where}aggregator.region: {agg.region!r} is not an {agg.cloud} region in the catalog ({_closest(agg.region, regions)})"
+                f"{where}aggregator.region: {agg.region!r} is not an {agg.cloud} region in the catalog ({closest(agg.region, regions, n=3)})"
             )
         types = sorted(t for c, r, t in catalog.prices if (c, r) == (agg.cloud, agg.region))
         raise ConfigError(
             f"{where}aggregator.instanceType: {agg.instance_type!r} is not priced in {agg.cloud} "
-            f"{agg.region} ({_closest(agg.instance_type, types)})"
+            f"{agg.region} ({closest(agg.instance_type, types, n=3)})"
         )
+    return _plan_sites(
+        stack,
+        catalog,
+        AggregatorPlan(
+            agg.cloud, agg.region, agg.instance_type, price.vcpu, price.memory_gib, agg.port, agg.cidr
+        ),
+    )
+
+
+def _plan_sites(stack: StackConfig, catalog: Catalog, aggregator: AggregatorPlan | None) -> InfraPlan:
+    where = f"{stack.path}: {PROJECT}:"
+    agg = stack.aggregator
     if stack.operator is None:
         raise ConfigError(
             f"{where}operator: is required for a cloud stack: {{sshPublicKey: <contents of your "
@@ -107,11 +127,13 @@ def infra_plan(stack: StackConfig, catalog: Catalog) -> InfraPlan:
     networks = {f"{PROJECT}:aggregator.cidr": ipaddress.ip_network(agg.cidr)}
     sites = []
     for i, p in enumerate(stack.participants):
+        if p.existing:
+            continue
         key = f"{PROJECT}:participants[{i}]"
         regions = sorted({r for c, r, _ in catalog.prices if c == p.cloud})
         if p.region not in regions:
             raise ConfigError(
-                f"{stack.path}: {key}.region: {p.region!r} is not a {p.cloud} region in the catalog ({_closest(p.region, regions)})"
+                f"{stack.path}: {key}.region: {p.region!r} is not a {p.cloud} region in the catalog ({closest(p.region, regions, n=3)})"
             )
         cidr = p.cidr or DEFAULT_SITE_CIDR.format(n=20 + i)
         net = ipaddress.ip_network(cidr)
@@ -135,20 +157,21 @@ def infra_plan(stack: StackConfig, catalog: Catalog) -> InfraPlan:
     return InfraPlan(
         stack=stack.name,
         operator=stack.operator,
-        aggregator=AggregatorPlan(
-            agg.cloud, agg.region, agg.instance_type, price.vcpu, price.memory_gib, agg.port, agg.cidr
-        ),
+        aggregator=aggregator,
         sites=tuple(sites),
+        own_sources=tuple(p.egress_cidr for p in stack.participants if p.existing and p.egress_cidr),
     )
 
 
 def _vm(catalog: Catalog, cloud: str, region: str, vm: VMSpec, where: str) -> VmPlan:
+    # VMs to create always have a size (only hosts given by address have none).
+    assert vm.vcpu is not None and vm.memory_gib is not None and vm.disk_gib is not None
     priced = [p for (c, r, _), p in catalog.prices.items() if (c, r) == (cloud, region)]
     if vm.instance_type:
         match = next((p for p in priced if p.instance_type == vm.instance_type), None)
         if match is None:
             raise ConfigError(
-                f"{where}.instanceType: {vm.instance_type!r} is not priced in {cloud} {region} ({_closest(vm.instance_type, sorted(p.instance_type for p in priced))})"
+                f"{where}.instanceType: {vm.instance_type!r} is not priced in {cloud} {region} ({closest(vm.instance_type, sorted(p.instance_type for p in priced), n=3)})"
             )
         if match.vcpu < vm.vcpu or match.memory_gib < vm.memory_gib:
             raise ConfigError(

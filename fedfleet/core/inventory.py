@@ -27,6 +27,11 @@ class VM:
     home: str | None = None
     port: int | None = None
 
+    @property
+    def address(self) -> str:
+        """Where the controller reaches it (a site's VMs have private addresses only)."""
+        return self.private_ip
+
 
 @dataclass(frozen=True)
 class AggregatorHost:
@@ -38,6 +43,13 @@ class AggregatorHost:
     port: int
     home: str | None = None
     private_ip: str | None = None
+    # Where the controller reaches it over SSH when that is not `address` (where the
+    # SuperNodes reach the SuperLink).
+    ssh_address: str | None = None
+
+    @property
+    def admin_address(self) -> str:
+        return self.ssh_address or self.address
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,9 @@ class Inventory:
     stack: str
     aggregator: AggregatorHost
     participants: dict[str, tuple[VM, ...]] = field(default_factory=dict)
+
+    def vms(self) -> list[VM]:
+        return [vm for vms in self.participants.values() for vm in vms]
 
     def vm(self, name: str) -> VM:
         for vms in self.participants.values():
@@ -61,9 +76,14 @@ class Inventory:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Inventory:
+    def from_dict(cls, data: dict[str, Any], *, partial: bool = False) -> Inventory:
+        """Read an inventory; with `partial` (what Pulumi created of a mixed stack) the
+        aggregator may be missing (None): the stack gives it by address."""
+        agg = data["aggregator"]
+        if agg is None and not partial:
+            raise ValueError("it has no aggregator")
         return cls(
             stack=data["stack"],
-            aggregator=AggregatorHost(**data["aggregator"]),
+            aggregator=None if agg is None else AggregatorHost(**agg),  # type: ignore[arg-type]
             participants={name: tuple(VM(**vm) for vm in vms) for name, vms in data["participants"].items()},
         )

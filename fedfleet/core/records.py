@@ -7,8 +7,12 @@ summary.json need.
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from fedfleet.core.errors import FedfleetError
 
 METRICS = ("loss", "accuracy", "f1", "precision", "recall")
 
@@ -128,3 +132,127 @@ class RunState:
 
     def rounds_list(self) -> list[dict[str, Any]]:
         return [self.rounds[n].to_dict() for n in sorted(self.rounds)]
+
+
+@dataclass
+class Timings:
+    """Seconds since the start of a run at each of its marks (setup, configured, ...)."""
+
+    started: float = field(default_factory=time.monotonic)
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.monotonic() - self.started
+
+    def between(self, start: str, end: str) -> float | None:
+        if start in self.marks and end in self.marks:
+            return self.marks[end] - self.marks[start]
+        return None
+
+
+@dataclass
+class RunRecord:
+    """Everything `summary.json` says about one run, filled in by the stages as it goes."""
+
+    run_id: str
+    stack: str
+    settings: dict[str, Any]
+    aggregator: dict[str, Any]
+    participants: list[dict[str, Any]]
+    started_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    status: str = "starting"
+    error: str | None = None
+    configure: dict[str, Any] | None = None
+    flower_run_id: int | None = None
+    stop: dict[str, Any] | None = None
+    stop_error: str | None = None
+    orchestration: dict[str, Any] | None = None
+    collect_errors: list[str] = field(default_factory=list)
+
+    def serve(self, serving: dict[str, str]) -> None:
+        """Which VM serves each participant now (the first that connected)."""
+        for entry in self.participants:
+            if entry["name"] in serving:
+                entry["vm"] = serving[entry["name"]]
+
+    def fail(self, err: BaseException) -> None:
+        if isinstance(err, KeyboardInterrupt):
+            self.status, self.error = (
+                "interrupted",
+                "interrupted (Ctrl-C or SIGTERM); every process was stopped",
+            )
+        else:
+            self.status = "failed"
+            self.error = str(err) if isinstance(err, FedfleetError) else f"{type(err).__name__}: {err}"
+
+    def summary(self, state: RunState, timings: Timings) -> dict[str, Any]:
+        """The run as summary.json holds it."""
+        best = state.best_round("accuracy")
+        rounds = state.rounds_list()
+        trained = [r for r in rounds if r["round"] > 0 and r["seconds"] is not None]
+
+        def mean(key: str) -> float | None:
+            values = [r[key] for r in trained if r[key] is not None]
+            return sum(values) / len(values) if values else None
+
+        out: dict[str, Any] = {
+            "run_id": self.run_id,
+            "stack": self.stack,
+            "status": self.status,
+            "started_at": self.started_at,
+            "settings": self.settings,
+            "aggregator": self.aggregator,
+            "participants": [_with_examples(p, state) for p in self.participants],
+        }
+        optional = {
+            "error": self.error,
+            "configure": self.configure,
+            "flower_run_id": self.flower_run_id,
+            "stop": self.stop,
+            "stop_error": self.stop_error,
+            "orchestration": self.orchestration,
+            "collect_errors": self.collect_errors or None,
+        }
+        out |= {k: v for k, v in optional.items() if v is not None}
+        marks = timings.marks
+        out |= {
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "rounds_completed": state.completed_rounds,
+            "rounds": rounds,
+            "best_round": None
+            if best is None
+            else {
+                "round": best,
+                "by": "accuracy",
+                "metrics": state.rounds[best].evaluation,
+                "model": state.rounds[best].model,
+            },
+            "errors": state.errors,
+            "timings": {
+                "total_seconds": marks.get("stopped"),
+                "setup_seconds": marks.get("setup"),
+                "configure_seconds": timings.between("setup", "configured"),
+                "submit_seconds": timings.between("configured", "submitted"),
+                "training_seconds": timings.between("submitted", "trained"),
+                "teardown_seconds": timings.between("trained", "stopped"),
+                "round_mean_seconds": mean("seconds"),
+                "round_mean_client_compute_seconds": mean("client_compute_seconds"),
+                "round_mean_overhead_seconds": mean("overhead_seconds"),
+            },
+        }
+        return out
+
+
+def _with_examples(entry: dict[str, Any], state: RunState) -> dict[str, Any]:
+    """A participant's examples: known up front on the local stack, else as its sites reported."""
+    if entry.get("train_examples") is not None:
+        return entry
+    train = test = None
+    for record in state.rounds.values():
+        for site in record.train_sites:
+            if site.get("participant") == entry["name"] and "num-examples" in site:
+                train = int(site["num-examples"])
+        for site in record.evaluation_sites:
+            if site.get("participant") == entry["name"] and "num-examples" in site:
+                test = int(site["num-examples"])
+    return entry | {"train_examples": train, "test_examples": test}

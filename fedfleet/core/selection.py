@@ -15,13 +15,13 @@ round-robin and retrying on the next VM lost none; this module is that policy.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedfleet.core.errors import EnvironmentProblem
+from fedfleet.core.util import atomic_write
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,9 @@ class Rotation:
         self.positions[participant] = (list(vms).index(vm) + 1) % len(vms)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"positions": dict(sorted(self.positions.items()))}, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(
+            self.path, json.dumps({"positions": dict(sorted(self.positions.items()))}, indent=2) + "\n"
+        )
 
 
 def candidates(verdicts: Mapping[str, Sequence[Verdict]], rotation: Rotation) -> dict[str, list[str]]:

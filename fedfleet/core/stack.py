@@ -15,15 +15,21 @@ Schema (keys under `config:`, project `fedfleet`; see Pulumi.yaml for every key)
     fedfleet:placement      the user's limits for `fedfleet plan`
     fedfleet:local          {root, host, warmWorkers}: present only in a local stack,
                             whose VMs are emulated on this machine
+    fedfleet:ssh            how the controller reaches real hosts: {user, keyFile, port,
+                            jumpHost, knownHostsFile, connectTimeoutSeconds}
+
+Three kinds of stack, one schema: `local` (fedfleet:local: VMs emulated here), `hosts`
+(every VM and the aggregator given by `address`: machines you already have, reached over
+SSH, no Pulumi) and `cloud` (Pulumi creates what has no address; mixing is allowed, e.g. a
+cloud aggregator with on-premises participants).
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +40,36 @@ from ruamel.yaml.error import YAMLError
 from fedfleet.core.catalog import CLOUDS
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.placement.problem import Currency, Requirements
+from fedfleet.core.selection import Minimums
+from fedfleet.core.util import closest
 
 PROJECT = "fedfleet"
 LOCAL = "local"
 LOCAL_NETWORKS = ("loopback", "namespaces")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
-TOP_KEYS = ("aggregator", "participants", "data", "app", "placement", "operator", "local", "orchestrator")
+TOP_KEYS = (
+    "aggregator",
+    "participants",
+    "data",
+    "app",
+    "placement",
+    "operator",
+    "local",
+    "orchestrator",
+    "ssh",
+)
+ONPREM = "onprem"  # the cloud of a participant whose VMs are machines of its own
+HOST_KEYS = ("address", "ssh", "home", "python", "venv", "install", "serviceManager", "runtimePort")
+SSH_KEYS = ("user", "keyFile", "port", "jumpHost", "hostKey", "knownHostsFile", "connectTimeoutSeconds")
+SERVICE_MANAGERS = ("auto", "systemd", "supervisor")
+LINUX_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+HOST_KEY_TYPES = (
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "ssh-rsa",
+)
 PLACEMENT_KEYS = (
     "horizonHours", "rounds", "modelSizeMb", "maxCost", "currency", "maxLatencyMs", "weights",
     "minVcpu", "minMemoryGib", "clouds", "regions", "exclude", "catalogOverrides", "baseline",
@@ -63,14 +93,48 @@ class Location:
 
 
 @dataclass(frozen=True)
+class SSHSettings:
+    """How the controller logs in to a host (merged: fedfleet:ssh, the participant's `ssh`,
+    the VM's `ssh`). The key file stays on the controller; it is never copied anywhere."""
+
+    user: str = "fedfleet"
+    key_file: str | None = None  # None: ssh's own defaults (~/.ssh/id_*, an agent)
+    port: int = 22
+    jump_host: str | None = None  # [user@]host[:port], reached with the same key
+    host_key: str | None = None  # "ssh-ed25519 AAAA...": pinned; None: the first contact is recorded
+    known_hosts: str = ".fedfleet/{stack}/known_hosts"
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """A real host fedfleet configures over SSH: one you have (address given) or one Pulumi
+    creates (address None: it comes from the stack's inventory)."""
+
+    address: str | None
+    ssh: SSHSettings
+    home: str = "/opt/fedfleet"  # fedfleet's directory on the host
+    python: str = "/usr/bin/python3"  # creates the virtual environment; runs fedfleet's agent
+    venv: str | None = None  # default <home>/venv
+    install: bool = True  # install the pinned packages from the controller's wheel cache
+    service_manager: str = "auto"  # auto: systemd where the host runs it, else a supervisor
+    runtime_port: int = 9094  # the SuperNode's local runtime API (loopback)
+
+    @property
+    def venv_path(self) -> str:
+        return self.venv or f"{self.home.rstrip('/')}/venv"
+
+
+@dataclass(frozen=True)
 class VMSpec:
     name: str
-    vcpu: int
-    memory_gib: float
-    disk_gib: int
+    vcpu: int | None  # None: a host of your own (the probe reads its size)
+    memory_gib: float | None
+    disk_gib: int | None
     port: int | None = None  # local stack: the SuperNode's runtime API port
     instance_type: str | None = None  # cloud stacks; default: the catalog's cheapest fit
     state: str = "active"  # local stack: "stopped" emulates an inactive VM
+    host: HostSpec | None = None  # real hosts (None on the local stack)
 
 
 @dataclass(frozen=True)
@@ -82,6 +146,12 @@ class Participant:
     data_path: str
     vms: tuple[VMSpec, ...]
     cidr: str | None = None  # cloud stacks: the site's private network
+    egress_cidr: str | None = None  # own hosts: the public addresses they reach a cloud aggregator from
+
+    @property
+    def existing(self) -> bool:
+        """Its VMs are machines it already has (given by address), not created by Pulumi."""
+        return any(vm.host is not None and vm.host.address for vm in self.vms)
 
 
 @dataclass(frozen=True)
@@ -93,10 +163,17 @@ class Aggregator:
     instance_type: str | None
     port: int
     cidr: str = "10.10.0.0/24"  # cloud stacks: the aggregator's network
+    host: HostSpec | None = None  # real hosts (None on the local stack)
+    superlink_address: str | None = None  # where the SuperNodes reach it (default: its address)
 
     @property
     def placed(self) -> bool:
         return self.cloud is not None
+
+    @property
+    def existing(self) -> bool:
+        """A machine you already have (given by address): nothing to place or create."""
+        return self.host is not None and self.host.address is not None
 
 
 @dataclass(frozen=True)
@@ -122,9 +199,7 @@ class Orchestrator:
     """How participant VMs are picked: what a VM needs to serve, and how long a probe and a
     SuperNode's first connection to the SuperLink may take."""
 
-    min_vcpu: int = 1
-    min_memory_gib: float = 1.0
-    min_free_disk_gib: float = 1.0
+    minimums: Minimums = field(default_factory=Minimums)
     probe_timeout: float = 20.0
     connect_timeout: float = 60.0
 
@@ -146,11 +221,45 @@ class StackConfig:
     def is_local(self) -> bool:
         return self.local is not None
 
+    @property
+    def kind(self) -> str:
+        """local (emulated here), hosts (only machines given by address) or cloud (Pulumi
+        creates the rest)."""
+        if self.is_local:
+            return "local"
+        if self.aggregator.existing and all(p.existing for p in self.participants):
+            return "hosts"
+        return "cloud"
+
+    @property
+    def provisioned(self) -> bool:
+        """Whether Pulumi creates any of its hosts."""
+        return self.kind == "cloud"
+
+    def host(self, name: str) -> HostSpec:
+        """The host settings of the aggregator ("aggregator") or a participant VM."""
+        if name == "aggregator":
+            spec = self.aggregator.host
+        else:
+            spec = next((vm.host for p in self.participants for vm in p.vms if vm.name == name), None)
+        if spec is None:
+            raise KeyError(name)
+        return spec
+
     def participant(self, name: str) -> Participant:
         for p in self.participants:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+
+def stack_yaml() -> YAML:
+    """A round-trip YAML that rewrites a stack file in the style of the shipped ones."""
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    return yaml
 
 
 def stack_path(project_dir: Path, stack: str) -> Path:
@@ -194,17 +303,32 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
         if project != PROJECT:
             continue  # other projects' and providers' keys (aws:region, ...) are Pulumi's
         if name not in TOP_KEYS:
-            raise ConfigError(f"{path}: {key}: unknown key{_suggest(name, TOP_KEYS, PROJECT + ':')}")
+            raise ConfigError(f"{path}: {key}: unknown key; {closest(name, TOP_KEYS, PROJECT + ':')}")
         values[name] = value
     r = _Reader(path, f"{PROJECT}:", values)
     is_local = "local" in values
-    aggregator = _aggregator(r.child("aggregator"))
-    participants = _participants(r.child("participants"), local=is_local)
+    operator = _operator(r.child("operator", default=None))
+    if is_local and "ssh" in values:
+        raise r.fail(
+            "the local stack emulates its hosts on this machine; SSH settings are for stacks of "
+            "real hosts: remove it",
+            f"{PROJECT}:ssh",
+        )
+    ssh = None if is_local else _ssh(r.child("ssh", default={}), SSHSettings(user=_default_user(operator)))
+    aggregator = _aggregator(r.child("aggregator"), ssh)
+    participants = _participants(r.child("participants"), local=is_local, ssh=ssh)
+    _check_existing(r, aggregator, participants)
     demo = _demo(r.child("data", default={}))
+    if demo is not None and not is_local:
+        raise r.fail(
+            "writes the demo partitions on this machine, for the local stack; on real hosts each "
+            "site's data is already at its dataPath (fedfleet never copies training data): remove "
+            "it and set fedfleet:app.classes",
+            f"{PROJECT}:data.demo",
+        )
     app = _app(r.child("app", default={}), len(participants), demo)
     placement = _placement(r.child("placement", default={}), path.parent.parent)
     local = _local(r.child("local")) if is_local else None
-    operator = _operator(r.child("operator", default=None))
     orchestrator = _orchestrator(r.child("orchestrator", default={}))
     if local is not None:
         _check_ports(path, aggregator, participants)
@@ -250,7 +374,7 @@ class _Reader:
             raise self.fail(f"must be a mapping (got {type(self.value).__name__})")
         for name in self.value:
             if name not in allowed:
-                raise self.fail(f"unknown key{_suggest(str(name), allowed)}", self._join(str(name)))
+                raise self.fail(f"unknown key; {closest(str(name), allowed)}", self._join(str(name)))
 
     def text(self, name: str, default: Any = ...) -> str:
         node = self.child(name, default)
@@ -276,14 +400,6 @@ class _Reader:
         return int(v) if whole else float(v)
 
 
-def _suggest(name: str, options: Iterable[str], prefix: str = "") -> str:
-    options = list(options)
-    close = difflib.get_close_matches(name, options, n=1)
-    if close:
-        return f"; did you mean '{prefix}{close[0]}'?"
-    return f"; known keys: {', '.join(prefix + o for o in options)}"
-
-
 def _name(r: _Reader, field_name: str = "name") -> str:
     value = r.text(field_name)
     if not NAME_RE.match(value):
@@ -294,8 +410,8 @@ def _name(r: _Reader, field_name: str = "name") -> str:
     return value
 
 
-def _aggregator(r: _Reader) -> Aggregator:
-    r.only(("cloud", "region", "instanceType", "port", "cidr"))
+def _aggregator(r: _Reader, ssh: SSHSettings | None) -> Aggregator:
+    r.only(("cloud", "region", "instanceType", "port", "cidr", "superlinkAddress", *HOST_KEYS))
     placed = [k for k in ("cloud", "region", "instanceType") if k in r.value]
     if placed and len(placed) != 3:
         missing = sorted({"cloud", "region", "instanceType"} - set(placed))
@@ -303,12 +419,99 @@ def _aggregator(r: _Reader) -> Aggregator:
             f"has {', '.join(placed)} but not {', '.join(missing)}: give all three "
             "(`fedfleet plan` writes them) or none"
         )
+    host = _host(r, ssh)
+    if "superlinkAddress" in r.value and (host is None or host.address is None):
+        raise r.child("superlinkAddress").fail(
+            "is for an aggregator given by address (a machine you have); a cloud aggregator's "
+            "address comes from `fedfleet up`"
+        )
     return Aggregator(
         cloud=r.choice("cloud", CLOUDS) if placed else None,
         region=r.text("region") if placed else None,
         instance_type=r.text("instanceType") if placed else None,
         port=r.num("port", 1024, 65535, 9443, whole=True),
         cidr=_cidr(r, "cidr") if "cidr" in r.value else "10.10.0.0/24",
+        host=host,
+        superlink_address=_address(r, "superlinkAddress") if "superlinkAddress" in r.value else None,
+    )
+
+
+def _default_user(operator: Operator | None) -> str:
+    return operator.admin_user if operator is not None else SSHSettings.user
+
+
+def _ssh(r: _Reader, base: SSHSettings) -> SSHSettings:
+    """SSH settings: `r` (a mapping of SSH_KEYS) over `base`."""
+    if not isinstance(r.value, Mapping):
+        raise r.fail(f"must be a mapping (got {type(r.value).__name__})")
+    r.only(SSH_KEYS)
+    user = r.text("user", base.user)
+    if not LINUX_USER.fullmatch(user):
+        raise r.child("user").fail(f"{user!r} is not a valid Linux user name")
+    jump = r.text("jumpHost") if "jumpHost" in r.value else base.jump_host
+    if jump is not None and not re.fullmatch(
+        r"(?:[a-z_][a-z0-9_-]{0,31}@)?[A-Za-z0-9.:\[\]-]+?(?::\d{1,5})?", jump
+    ):
+        raise r.child("jumpHost").fail(
+            f"{jump!r} must be [user@]host[:port], e.g. fl@gateway.hospital.example:22"
+        )
+    host_key = r.text("hostKey").strip() if "hostKey" in r.value else base.host_key
+    if host_key is not None and (len(host_key.split()) < 2 or host_key.split()[0] not in HOST_KEY_TYPES):
+        raise r.child("hostKey").fail(
+            "must be the host's public host key as ssh-keyscan prints it, without the host name "
+            f"(one of {', '.join(HOST_KEY_TYPES)} then the base64 key)"
+        )
+    return SSHSettings(
+        user=user,
+        key_file=r.text("keyFile") if "keyFile" in r.value else base.key_file,
+        port=r.num("port", 1, 65535, base.port, whole=True),
+        jump_host=jump,
+        host_key=host_key,
+        known_hosts=r.text("knownHostsFile", base.known_hosts),
+        connect_timeout=r.num("connectTimeoutSeconds", 1, 600, base.connect_timeout),
+    )
+
+
+def _address(r: _Reader, name: str) -> str:
+    value = r.text(name).strip()
+    if not re.fullmatch(r"[A-Za-z0-9.:-]+", value) or value.startswith(("-", ".")):
+        raise r.child(name).fail(f"{value!r} is not a host name or IP address")
+    return value
+
+
+def _abs_path(r: _Reader, name: str, default: str | None) -> str | None:
+    if name not in r.value:
+        return default
+    value = r.text(name)
+    if not value.startswith("/"):
+        raise r.child(name).fail(f"{value!r} must be an absolute path on the host")
+    return value
+
+
+def _host(r: _Reader, ssh: SSHSettings | None) -> HostSpec | None:
+    """The host keys of a VM or the aggregator (None on the local stack, which has none)."""
+    given = [k for k in HOST_KEYS if k in r.value]
+    if ssh is None:
+        if given:
+            raise r.child(given[0]).fail(
+                "the local stack emulates its hosts on this machine; address and SSH settings "
+                "are for stacks of real hosts: remove it"
+            )
+        return None
+    d = HostSpec(None, ssh)
+    install = r.child("install", d.install)
+    if not isinstance(install.value, bool):
+        raise install.fail(f"must be true or false (got {install.value!r})")
+    home = _abs_path(r, "home", d.home) or d.home
+    return HostSpec(
+        address=_address(r, "address") if "address" in r.value else None,
+        ssh=_ssh(r.child("ssh"), ssh) if "ssh" in r.value else ssh,
+        home=home,
+        python=_abs_path(r, "python", d.python) or d.python,
+        venv=_abs_path(r, "venv", None),
+        install=install.value,
+        service_manager=r.choice("serviceManager", SERVICE_MANAGERS, d.service_manager),
+        runtime_port=r.num("runtimePort", 1024, 65535, d.runtime_port, whole=True),
     )
 
 
@@ -323,31 +526,47 @@ def _location(r: _Reader) -> Location:
     return Location(lat=r.num("lat", -90, 90), lon=r.num("lon", -180, 180))
 
 
-def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
+def _participants(r: _Reader, *, local: bool, ssh: SSHSettings | None) -> tuple[Participant, ...]:
     items = r.items()
     if len(items) < 2:
         raise r.fail(f"federated learning needs at least two participants (got {len(items)})")
     participants: list[Participant] = []
     seen_vms: dict[str, str] = {}
     for item in items:
-        item.only(("name", "cloud", "region", "location", "dataPath", "cidr", "vms"))
+        item.only(("name", "cloud", "region", "location", "dataPath", "cidr", "egressCidr", "ssh", "vms"))
         name = _name(item)
         if any(p.name == name for p in participants):
             raise item.child("name").fail(f"participant name {name!r} is used twice")
-        cloud = item.choice("cloud", (LOCAL,) if local else CLOUDS)
-        region = item.text("region")
+        vm_items = item.child("vms").items()
+        own = sum(isinstance(v.value, Mapping) and "address" in v.value for v in vm_items)
+        if own and own != len(vm_items):
+            raise item.child("vms").fail(
+                f"participant {name!r} mixes VMs given by address with VMs to create; give every "
+                "one of its VMs an address (machines it has) or none (Pulumi creates them)"
+            )
+        existing = bool(own)
+        if local and "ssh" in item.value:
+            raise item.child("ssh").fail("the local stack emulates its hosts; remove it")
+        site_ssh = _ssh(item.child("ssh"), ssh) if ssh is not None and "ssh" in item.value else ssh
+        if existing:
+            cloud = item.choice("cloud", (*CLOUDS, ONPREM), ONPREM)
+            region = item.text("region", ONPREM)
+        else:
+            cloud = item.choice("cloud", (LOCAL,) if local else CLOUDS)
+            region = item.text("region")
         if "location" in item.value:
             location = _location(item.child("location"))
         elif cloud == LOCAL:
             raise item.fail("a local participant needs a location: {cloud, region} or {lat, lon}")
+        elif cloud == ONPREM:
+            location = Location()  # only needed to place a cloud aggregator (checked below)
         else:
             location = Location(cloud=cloud, region=region)
         vms: list[VMSpec] = []
-        vm_items = item.child("vms").items()
         if not vm_items:
             raise item.child("vms").fail(f"participant {name!r} has no VMs; list at least one")
         for vm in vm_items:
-            vm.only(("name", "vcpu", "memoryGib", "diskGib", "port", "instanceType", "state"))
+            vm.only(("name", "vcpu", "memoryGib", "diskGib", "port", "instanceType", "state", *HOST_KEYS))
             vm_name = _name(vm)
             if vm_name in seen_vms:
                 raise vm.child("name").fail(
@@ -355,15 +574,24 @@ def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
                     "VM names are unique per stack"
                 )
             seen_vms[vm_name] = vm.key
+            if existing:
+                for key in ("vcpu", "memoryGib", "diskGib", "instanceType", "state", "port"):
+                    if key in vm.value:
+                        raise vm.child(key).fail(
+                            "is for VMs fedfleet creates or emulates; a host given by address is "
+                            "probed for its real vCPUs, memory and disk: remove it (the minimums "
+                            f"are {PROJECT}:orchestrator's minVcpu, minMemoryGib, minFreeDiskGib)"
+                        )
             vms.append(
                 VMSpec(
                     name=vm_name,
-                    vcpu=vm.num("vcpu", 1, 512, whole=True),
-                    memory_gib=vm.num("memoryGib", 0.5, 4096),
-                    disk_gib=vm.num("diskGib", 1, 65536, 20, whole=True),
+                    vcpu=None if existing else vm.num("vcpu", 1, 512, whole=True),
+                    memory_gib=None if existing else vm.num("memoryGib", 0.5, 4096),
+                    disk_gib=None if existing else vm.num("diskGib", 1, 65536, 20, whole=True),
                     port=vm.num("port", 1024, 65535, whole=True) if local else None,
                     instance_type=vm.text("instanceType") if "instanceType" in vm.value else None,
                     state=vm.choice("state", ("active", "stopped"), "active"),
+                    host=_host(vm, site_ssh),
                 )
             )
         participants.append(
@@ -374,10 +602,36 @@ def _participants(r: _Reader, *, local: bool) -> tuple[Participant, ...]:
                 location=location,
                 data_path=item.text("dataPath", f"sites/{name}/data"),
                 vms=tuple(vms),
-                cidr=_cidr(item, "cidr") if "cidr" in item.value else None,
+                cidr=_cidr(item, "cidr") if "cidr" in item.value and not existing else None,
+                egress_cidr=_cidr(item, "egressCidr") if "egressCidr" in item.value else None,
             )
         )
+        if existing and "cidr" in item.value:
+            raise item.child("cidr").fail(
+                "is the private network Pulumi creates for a site; this participant's VMs are "
+                "given by address: remove it (egressCidr says where they connect from)"
+            )
     return tuple(participants)
+
+
+def _check_existing(r: _Reader, aggregator: Aggregator, participants: Sequence[Participant]) -> None:
+    """What a mix of own hosts and created ones needs."""
+    participants_r = r.child("participants").items()
+    for item, p in zip(participants_r, participants, strict=True):
+        if not p.existing:
+            continue
+        if not aggregator.existing and p.location.cloud is None and p.location.lat is None:
+            raise item.fail(
+                f"participant {p.name!r} (machines given by address) needs a location "
+                "({lat, lon} or {cloud, region}) to place the aggregator; or give the aggregator "
+                "an address too"
+            )
+        if not aggregator.existing and p.egress_cidr is None:
+            raise item.child("egressCidr", default=None).fail(
+                f"is required: the cloud aggregator's firewall admits the SuperLink port only from "
+                f"the participants, so give the public address range {p.name!r}'s VMs connect "
+                "from (e.g. 198.51.100.7/32)"
+            )
 
 
 def _cidr(r: _Reader, name: str) -> str:
@@ -418,7 +672,7 @@ def _operator(r: _Reader) -> Operator | None:
     if ipaddress.ip_network(cidr).prefixlen == 0:
         raise r.child("cidr").fail(f"{cidr} would open SSH to the whole internet; give your own network")
     user = r.text("adminUser", "fedfleet")
-    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
+    if not LINUX_USER.fullmatch(user):
         raise r.child("adminUser").fail(f"{user!r} is not a valid Linux user name")
     if user in RESERVED_ADMIN_USERS:
         raise r.child("adminUser").fail(
@@ -431,11 +685,13 @@ def _orchestrator(r: _Reader) -> Orchestrator:
     if not isinstance(r.value, Mapping):
         raise r.fail(f"must be a mapping (got {type(r.value).__name__})")
     r.only(("minVcpu", "minMemoryGib", "minFreeDiskGib", "probeTimeoutSeconds", "connectTimeoutSeconds"))
-    d = Orchestrator()
+    d, m = Orchestrator(), Minimums()
     return Orchestrator(
-        min_vcpu=r.num("minVcpu", 1, 1024, d.min_vcpu, whole=True),
-        min_memory_gib=r.num("minMemoryGib", 0.1, 16384, d.min_memory_gib),
-        min_free_disk_gib=r.num("minFreeDiskGib", 0, 65536, d.min_free_disk_gib),
+        minimums=Minimums(
+            vcpu=r.num("minVcpu", 1, 1024, m.vcpu, whole=True),
+            memory_gib=r.num("minMemoryGib", 0.1, 16384, m.memory_gib),
+            free_disk_gib=r.num("minFreeDiskGib", 0, 65536, m.free_disk_gib),
+        ),
         probe_timeout=r.num("probeTimeoutSeconds", 1, 600, d.probe_timeout),
         connect_timeout=r.num("connectTimeoutSeconds", 1, 3600, d.connect_timeout),
     )

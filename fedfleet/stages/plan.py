@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import difflib
+import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
-
 from fedfleet.core.catalog import Catalog, load_catalog
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.placement.network import Site
 from fedfleet.core.placement.optimizer import Plan, plan
 from fedfleet.core.placement.problem import Evaluation, Placement, Requirements
-from fedfleet.core.stack import PROJECT, StackConfig, load_stack
+from fedfleet.core.stack import PROJECT, StackConfig, load_stack, stack_yaml
+from fedfleet.core.util import atomic_write, closest
 
 
 @dataclass
@@ -48,11 +47,10 @@ def participant_sites(stack: StackConfig, catalog: Catalog) -> list[Site]:
         region = catalog.regions.get((loc.cloud, loc.region or ""))
         if region is None:
             known = sorted(r for c, r in catalog.regions if c == loc.cloud)
-            close = difflib.get_close_matches(loc.region or "", known, n=3, cutoff=0.5)
             key = f"{PROJECT}:participants[{i}].{'location.' if p.cloud == 'local' else ''}region"
             raise ConfigError(
                 f"{stack.path}: {key}: {loc.region!r} is not a {loc.cloud} region in the catalog "
-                f"({'closest: ' + ', '.join(close) if close else f'{len(known)} known'}); or give "
+                f"({closest(loc.region or '', known, n=3)}); or give "
                 "the site as location: {lat, lon}"
             )
         sites.append(Site(p.name, loc.cloud, loc.region, region.lat, region.lon, region.country))
@@ -104,15 +102,6 @@ def parse_weights(text: str) -> tuple[float, float]:
     return cost, latency
 
 
-def stack_yaml() -> YAML:
-    """A round-trip YAML that rewrites a stack file in the style of the shipped ones."""
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.width = 4096
-    yaml.indent(mapping=2, sequence=4, offset=2)
-    return yaml
-
-
 def write_decision(stack: StackConfig, chosen: Evaluation) -> bool:
     """Set fedfleet:aggregator {cloud, region, instanceType}; keep comments. True if changed."""
     yaml = stack_yaml()
@@ -128,10 +117,9 @@ def write_decision(stack: StackConfig, chosen: Evaluation) -> bool:
         return False
     for k, v in new.items():
         aggregator[k] = v
-    tmp = stack.path.with_name(stack.path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        yaml.dump(document, fh)
-    tmp.replace(stack.path)
+    text = io.StringIO()
+    yaml.dump(document, text)
+    atomic_write(stack.path, text.getvalue())
     return True
 
 
@@ -294,7 +282,9 @@ def run_plan(
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     out_dir = plot_dir or project_dir / "runs" / "plans"
     report.plot = draw(report, out_dir / f"{stack_name}-{stamp}.png")
-    if write:
+    # An aggregator given by address is a machine the consortium has: the plan shows where a
+    # cloud one would go, and the stack file keeps the machine.
+    if write and not stack.aggregator.existing:
         report.written = write_decision(stack, report.chosen)
     (out_dir / f"{stack_name}-{stamp}.json").write_text(json.dumps(report_dict(report), indent=2) + "\n")
     return report

@@ -23,8 +23,8 @@ from typing import Any
 from fedfleet.core.catalog import load_catalog
 from fedfleet.core.cloudplan import infra_plan
 from fedfleet.core.errors import ConfigError
-from fedfleet.core.stack import PROJECT, load_stack, parse_stack, stack_path
-from fedfleet.stages.plan import stack_yaml
+from fedfleet.core.stack import PROJECT, load_stack, parse_stack, stack_path, stack_yaml
+from fedfleet.core.util import atomic_write
 
 PROMOTED_PLACEMENT = (
     "horizonHours",
@@ -97,7 +97,4 @@ def plan_promotion(project: Any, source: str, target: str) -> Promotion:
 
 
 def write(project: Any, promotion: Promotion) -> None:
-    path = stack_path(project, promotion.target)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(promotion.new_text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(stack_path(project, promotion.target), promotion.new_text)

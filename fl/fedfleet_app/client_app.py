@@ -84,22 +84,22 @@ def _site(context: Context, mode: str) -> ConfigRecord:
 
 
 def _weights(msg: Message) -> Any:
-    return msg.content["arrays"][WEIGHTS].numpy()
+    return msg.content.array_records["arrays"][WEIGHTS].numpy()
 
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     started = time.time()
     settings = AppSettings.from_run_config(context.run_config)
-    config = msg.content["config"]
+    config = msg.content.config_records["config"]
     result, mode = _compute(
         context,
         {
             "op": "train",
             "weights": _weights(msg),
             "evaluate_received": bool(config.get("evaluate-received", False)),
-            "proximal_mu": float(config.get("proximal-mu", 0.0)),
-            "server_round": int(config.get("server-round", 0)),
+            "proximal_mu": float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+            "server_round": int(config.get("server-round", 0)),  # type: ignore[arg-type]
         },
         settings,
     )

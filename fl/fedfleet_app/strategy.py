@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Strategy
 
 from .settings import EVAL_METRICS, EVAL_RECORD, SITE_RECORD, STRATEGY_OPTIONS, AppSettings
 
-STRATEGY_CLASSES: dict[str, type[Strategy]] = {
+STRATEGY_CLASSES: dict[str, type[flwr_strategy.FedAvg]] = {
     "fedavg": flwr_strategy.FedAvg,
     "fedprox": flwr_strategy.FedProx,
     "fedavgm": flwr_strategy.FedAvgM,
@@ -43,13 +43,14 @@ class RoundFailed(RuntimeError):
 
 def build_strategy(settings: AppSettings) -> Strategy:
     """The configured Flower strategy, every participant sampled in every round."""
+    options: dict[str, Any] = dict(settings.strategy_options)  # checked per strategy in settings.py
     return STRATEGY_CLASSES[settings.strategy](
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_participants,
         min_evaluate_nodes=settings.min_participants,
         min_available_nodes=settings.min_participants,
-        **settings.strategy_options,
+        **options,
     )
 
 

@@ -7,7 +7,6 @@ exhaustive check read the same arrays.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections import Counter
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ import numpy as np
 from fedfleet.core.catalog import CLOUDS, Catalog, Price
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.placement.network import EgressPricer, Quote, RttModel, Site, round_time
+from fedfleet.core.util import closest
 
 HOURS_PER_MONTH = 730.0
 # "General-purpose 4 vCPU / 16 GiB" per cloud: the default baseline's instance type.
@@ -74,11 +74,6 @@ class Evaluation:
     round_seconds: float
     rtt: list[Quote]
     egress: list[tuple[Quote, Quote]]
-
-
-def _closest(name: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
-    return f"closest: {', '.join(close)}" if close else f"{len(options)} known, none close"
 
 
 class Placement:
@@ -145,7 +140,7 @@ class Placement:
             if entry not in known_regions:
                 raise ConfigError(
                     f"placement regions: {entry!r} is not a region in the catalog "
-                    f"({_closest(entry, sorted(known_regions))}); write it as cloud:region"
+                    f"({closest(entry, sorted(known_regions), n=3)}); write it as cloud:region"
                 )
         for entry in self.req.exclude:
             parts = entry.split(":")
@@ -159,12 +154,12 @@ class Placement:
             if len(parts) >= 2 and f"{parts[0]}:{parts[1]}" not in known_regions:
                 raise ConfigError(
                     f"placement exclude: {entry!r}: no region {parts[0]}:{parts[1]} in the catalog "
-                    f"({_closest(f'{parts[0]}:{parts[1]}', sorted(known_regions))})"
+                    f"({closest(f'{parts[0]}:{parts[1]}', sorted(known_regions), n=3)})"
                 )
             if len(parts) == 3 and f"{parts[0]}:{parts[2]}" not in known_types:
                 raise ConfigError(
                     f"placement exclude: {entry!r}: no instance type {parts[2]} on {parts[0]} in the "
-                    f"catalog ({_closest(parts[2], sorted(t for c, t in self.catalog.instance_types() if c == parts[0]))})"
+                    f"catalog ({closest(parts[2], sorted(t for c, t in self.catalog.instance_types() if c == parts[0]), n=3)})"
                 )
 
     def _filter(self, cloud: str, region: str, itype: str, vcpu: int, memory: float) -> str | None:
@@ -241,7 +236,7 @@ class Placement:
             types = sorted(t for (c, r, t) in self.catalog.prices if (c, r) == (cloud, region))
             raise ConfigError(
                 f"baseline {cloud}:{region}:{instance_type} has no price in the catalog "
-                f"({_closest(instance_type, types) if types else 'no prices for that region'})"
+                f"({closest(instance_type, types, n=3) if types else 'no prices for that region'})"
             )
         model_gb = self.req.model_mb / 1024
         total_gb = model_gb * self.req.rounds

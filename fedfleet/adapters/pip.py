@@ -1,0 +1,84 @@
+"""pip at the edge: the wheel cache hosts install from when they cannot reach an index.
+
+The controller downloads the pinned packages (and what they need, within the project's
+lock file) once; hosts get the wheels over SSH and install with `--no-index`.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedfleet.core.errors import EnvironmentProblem
+from fedfleet.core.util import atomic_write
+
+READY = ".complete"  # written last: a cache without it is half-made and is made again
+
+
+def python_tag() -> str:
+    """The interpreter and machine the wheels are for (hosts must match it)."""
+    return f"cp{sys.version_info.major}{sys.version_info.minor}-{platform.machine()}"
+
+
+def build_cache(dest: Path, requirements: Sequence[str], constraints: Path | None) -> Path:
+    """Download `requirements` as wheels into `dest` (once: a complete cache is reused)."""
+    if (dest / READY).exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".wheels-", dir=dest.parent))
+    argv = [
+        sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--only-binary=:all:",
+        "--dest", str(work), *(["--constraint", str(constraints)] if constraints else []), *requirements,
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=1800)
+        if done.returncode != 0:
+            raise EnvironmentProblem(
+                "could not build the wheel cache for hosts that install offline (`pip download "
+                f"{' '.join(requirements)}`): {done.stderr.strip()[-800:]}. This machine needs a "
+                "package index (or pip's find-links) that has them"
+            )
+        atomic_write(work / READY, "\n".join(requirements) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        work.rename(dest)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def archive(cache: Path) -> Path:
+    """The cache as one uncompressed tar beside it (what hosts get: one file, copied once)."""
+    tar = cache.with_name(cache.name + ".tar")
+    if not tar.exists():
+        pack(cache, tar)
+    return tar
+
+
+def pack(directory: Path, tar: Path, arcname: str = ".") -> Path:
+    """`directory` as a tar, written atomically (a reader never sees half an archive)."""
+    tmp = tar.with_name(f".{tar.name}.tmp")
+    with tarfile.open(tmp, "w") as out:
+        out.add(directory, arcname=arcname, filter=_plain)
+    tmp.replace(tar)
+    return tar
+
+
+def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """Files as anyone may own them: no controller user or group, no bytecode caches."""
+    if "__pycache__" in info.name:
+        return None
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mtime = 0  # the same contents make the same archive
+    # Readable by all, as the playbooks make the directories they unpack into (the root
+    # entry's mode becomes theirs: a private 0700 here would undo their 0755 every time).
+    info.mode = 0o755 if info.isdir() else 0o644
+    return info

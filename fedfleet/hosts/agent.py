@@ -1,0 +1,198 @@
+"""What fedfleet asks of a host, answered on the host itself: standard library only.
+
+On an SSH host this file runs as a small agent under the host's own Python, over the
+host's one multiplexed SSH connection (`hosts.ssh`): it reads one JSON request per line
+on stdin and writes one JSON answer per line on stdout, and exits when stdin closes
+(the connection ended). The local stack calls the same functions in-process
+(`hosts.local`), so both kinds of host answer the same questions the same way:
+
+    status   the state and pid of each program (supervisord over its Unix socket, or systemd)
+    read     bytes of a file from an offset (logs, the ServerApp's events)
+    write    a file, atomically (what the runner tells the ServerApp)
+
+Runs on Python 3.8 and later (hosts may be older than the controller).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import xmlrpc.client
+
+RUNNING_STATES = ("RUNNING", "STARTING", "BACKOFF")
+READ_LIMIT = 4 * 2**20
+IDLE_SECONDS = 30.0  # without a request for this long the agent exits (the controller pings)  # bytes per read: a caller reads on from where it got to
+# systemd's ActiveState, in supervisord's words (what the runner reads).
+SYSTEMD_STATES = {
+    "active": "RUNNING",
+    "reloading": "RUNNING",
+    "activating": "STARTING",
+    "deactivating": "STOPPING",
+    "failed": "FATAL",
+    "inactive": "STOPPED",
+}
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.unix_path)
+        self.sock = sock
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    # supervisor's own transport has no timeout; a hung supervisor must not hang the caller.
+    def __init__(self, path, timeout):
+        super().__init__()
+        self.unix_path = path
+        self.timeout = timeout
+
+    def make_connection(self, host):
+        return _UnixConnection(self.unix_path, self.timeout)
+
+
+def supervisor_status(socket_path, timeout=3.0):
+    """{"answered", "programs": {name: state}, "pids": {name: pid}} from supervisord."""
+    proxy = xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=_UnixTransport(socket_path, timeout))
+    try:
+        infos = proxy.supervisor.getAllProcessInfo()
+    except (OSError, xmlrpc.client.Error, http.client.HTTPException):
+        return {"answered": False, "programs": {}, "pids": {}}
+    return {
+        "answered": True,
+        "programs": {str(i["name"]): str(i["statename"]) for i in infos},
+        "pids": {str(i["name"]): int(i["pid"]) for i in infos},
+    }
+
+
+def systemd_status(units, timeout=3.0):
+    """The same answer from systemd, for the given units (names without .service)."""
+    argv = ["systemctl", "show", "--property=Id,LoadState,ActiveState,MainPID"] + [
+        u + ".service" for u in units
+    ]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"answered": False, "programs": {}, "pids": {}}
+    if done.returncode != 0:
+        return {"answered": False, "programs": {}, "pids": {}}
+    programs, pids = {}, {}
+    for block in done.stdout.strip().split("\n\n"):
+        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        name = fields.get("Id", "").rsplit(".service", 1)[0]
+        if not name:
+            continue
+        state = fields.get("ActiveState", "")
+        if state == "inactive" and fields.get("LoadState") == "not-found":
+            continue
+        programs[name] = SYSTEMD_STATES.get(state, state.upper())
+        pids[name] = int(fields.get("MainPID") or 0)
+    return {"answered": True, "programs": programs, "pids": pids}
+
+
+def read(path, offset=0, limit=READ_LIMIT):
+    """{"size": bytes in the file (-1: missing), "data": base64 of up to `limit` bytes from
+    `offset` (from 0 when the file is now shorter than `offset`: it was rotated)}."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(offset if offset <= size else 0)
+            data = fh.read(limit)
+    except OSError:
+        return {"size": -1, "data": ""}
+    return {"size": size, "data": base64.b64encode(data).decode()}
+
+
+def write(path, data, mode=0o644):
+    """Write base64 `data` to `path` atomically (a sibling temporary file, then rename)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(base64.b64decode(data))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return {}
+
+
+def service_manager(socket_path):
+    """What runs fedfleet's services here: fedfleet's supervisor (its socket exists), else
+    systemd where the host runs it, else the supervisor (which is then not running)."""
+    if socket_path and os.path.exists(socket_path):
+        return "supervisor"
+    return "systemd" if os.path.isdir("/run/systemd/system") else "supervisor"
+
+
+def status(manager, socket_path="", units=(), timeout=3.0):
+    if manager == "auto":
+        manager = service_manager(socket_path)
+    if manager == "systemd":
+        return systemd_status(list(units), timeout)
+    return supervisor_status(socket_path, timeout)
+
+
+OPERATIONS = {"status": status, "read": read, "write": write, "ping": lambda: {"pid": os.getpid()}}
+
+
+def answer(request):
+    """One request (a dict with "op" and its arguments) -> its answer, never raising."""
+    rid = request.pop("id", None)
+    op = OPERATIONS.get(request.pop("op", ""))
+    try:
+        if op is None:
+            raise ValueError("unknown operation")
+        reply = op(**request)
+        reply["ok"] = True
+    except Exception as err:
+        reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+    reply["id"] = rid
+    return reply
+
+
+def serve(stdin=sys.stdin, stdout=sys.stdout, idle=IDLE_SECONDS):
+    """Answer requests until stdin closes (the SSH session ended) or nothing has come for
+    `idle` seconds: the controller pings every few seconds, so silence means it is gone
+    (its connection may be half-open: a cut link, a killed controller) and the agent
+    leaves nothing behind on the host."""
+    hello = {
+        "id": 0,
+        "ok": True,
+        "ready": True,
+        "python": sys.version.split()[0],
+        "uid": os.getuid(),
+        "systemd": os.path.isdir("/run/systemd/system"),
+    }
+    stdout.write(json.dumps(hello) + "\n")
+    stdout.flush()
+    while True:
+        ready, _, _ = select.select([stdin], [], [], idle)
+        if not ready:
+            return  # the controller went quiet
+        line = stdin.readline()
+        if not line:
+            return  # the session ended
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+        except ValueError:
+            request = {"op": ""}
+        stdout.write(json.dumps(answer(request)) + "\n")
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    serve()

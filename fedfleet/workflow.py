@@ -1,0 +1,476 @@
+"""The pipeline, composed: plan, provision, connect, probe, configure, train, collect, stop.
+
+Every command that drives hosts is here, and nothing else composes stages (no stage
+imports another). The same code runs every kind of stack; only the hosts differ
+(`fedfleet.hosts`: the local stack's emulated ones, or real ones over SSH).
+
+One `fedfleet run`:
+  1. read and validate the stack file; plan the aggregator (local stack: emulated there);
+     lock the stack; stop leftovers of a killed run
+  2. provision: the local stack's emulated VMs, or the inventory of real hosts
+  3. connect: one SSH connection per real host (each failure named: unreachable, wrong key,
+     changed host key, ...); probe every VM and pick one per participant, round-robin
+  4. check the local sites' data and ports before anything starts
+  5. configure through the Ansible playbooks (site.yml): the SuperLink (TLS, node auth,
+     on-disk database) on the aggregator, then on one VM per participant its node key
+     (registered through the operator's `flwr`, over a tunnel to a real aggregator), its
+     warm worker and flower-supernode; a VM that fails hands over to the next
+  6. submit the app with `flwr run`, follow the ServerApp's events on the aggregator, watch
+     every host once a second and replace a lost SuperNode on the participant's next VM
+  7. stop the services (stop.yml; also on failure, Ctrl-C and SIGTERM), copy every round's
+     model, the events and each host's logs into runs/<run-id>/ and write summary.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedfleet_app.settings import AppSettings
+
+from fedfleet.adapters import ansible
+from fedfleet.adapters.flwr import FlwrCli, tool, write_run_config
+from fedfleet.adapters.processes import ProcessGroup, reap_leftovers
+from fedfleet.core.errors import ConfigError, FedfleetError
+from fedfleet.core.inventory import Inventory
+from fedfleet.core.paths import StackPaths, locked, stack_paths
+from fedfleet.core.records import RunRecord, RunState, Timings
+from fedfleet.core.selection import Verdict
+from fedfleet.core.stack import StackConfig, load_stack
+from fedfleet.core.util import atomic_write
+from fedfleet.hosts import Hosts, endpoint, for_stack
+from fedfleet.stages import collect, configure, fleet, plan, preflight, probe, provision, train
+
+SERVER_RUNS = "runs"  # under the aggregator's fedfleet home: one output directory per run
+
+
+class Observer(ansible.Progress, Protocol):
+    def stage(self, name: str, detail: str = "") -> None: ...
+    def update(self, state: RunState) -> None: ...
+
+
+class _Quiet:
+    def stage(self, name: str, detail: str = "") -> None:
+        pass
+
+    def update(self, state: RunState) -> None:
+        pass
+
+    def task(self, host: str, name: str) -> None:
+        pass
+
+    def result(self, host: str, name: str, status: str) -> None:
+        pass
+
+
+def new_run_id() -> str:
+    return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+# -- the stack's hosts, connected --------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """A stack's inventory and hosts for one command, with the ones that cannot be reached."""
+
+    stack: StackConfig
+    paths: StackPaths
+    inventory: Inventory
+    hosts: Hosts
+    procs: ProcessGroup
+    unreachable: dict[str, str]
+
+    def ansible_inventory(self, serving: list[str], wheels: Path | None = None) -> dict[str, Any]:
+        return configure.ansible_inventory(
+            self.stack, self.inventory, self.paths, self.hosts, serving, flwr_bin=tool("flwr"), wheels=wheels
+        )
+
+    def require_aggregator(self) -> None:
+        if "aggregator" in self.unreachable:
+            raise FedfleetError(f"the aggregator cannot be used: {self.unreachable['aggregator']}")
+
+    def operator_cli(self) -> FlwrCli:
+        """The operator's `flwr`, reaching the SuperLink directly (local) or through a tunnel."""
+        agg = self.inventory.aggregator
+        return configure.prepare_controller(
+            self.stack, self.inventory, self.paths, self.hosts["aggregator"].reach(agg.port)
+        )
+
+
+def _inventory(stack: StackConfig, project_dir: Path, *, with_network: bool) -> Inventory:
+    if stack.is_local:
+        return provision.up_local(stack, project_dir, with_network=with_network)
+    provision.check_key_files(stack, project_dir)
+    return provision.saved_inventory(stack, project_dir)
+
+
+@contextmanager
+def session(
+    stack: StackConfig,
+    project_dir: Path,
+    *,
+    with_network: bool = True,
+    say: Callable[[str, str], None] | None = None,
+) -> Iterator[Session]:
+    """Lock the stack, reap what a killed command left, provision, connect every host; on
+    the way out close every connection and (namespaces mode) remove the network."""
+    paths = stack_paths(stack, project_dir)
+    with locked(paths):
+        leftovers = reap_leftovers(paths.pidfile)
+        if leftovers and say is not None:
+            say("cleanup", f"stopped leftovers of a killed run: {', '.join(leftovers)}")
+        with ProcessGroup(paths.pidfile) as procs:
+            inventory = _inventory(stack, project_dir, with_network=with_network)
+            hosts = for_stack(stack, inventory, paths, procs)
+            try:
+                if not stack.is_local and say is not None:
+                    say("connect", f"SSH to {len(hosts)} hosts (one multiplexed connection each)")
+                unreachable = hosts.connect(hosts)
+                yield Session(stack, paths, inventory, hosts, procs, unreachable)
+            finally:
+                hosts.close()
+                if stack.is_local and with_network:
+                    with contextlib.suppress(FedfleetError):  # the command's own error is the one to see
+                        provision.down_network(stack, project_dir)
+
+
+def _probe(s: Session) -> dict[str, list[Verdict]]:
+    return probe.probe(s.stack, s.inventory, s.hosts, s.ansible_inventory([]), s.unreachable)
+
+
+# -- fedfleet run ------------------------------------------------------------------------
+
+
+def run(
+    project_dir: Path,
+    stack_name: str = "local",
+    *,
+    rounds: int | None = None,
+    observer: Observer | None = None,
+) -> dict[str, Any]:
+    """One federated training on a stack; its summary (also runs/<run-id>/summary.json)."""
+    observer = observer or _Quiet()
+    timings = Timings()
+    stack = load_stack(project_dir, stack_name)
+    settings = stack.app
+    if rounds is not None:
+        if rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1 (got {rounds})")
+        settings = replace(settings, num_server_rounds=rounds)
+    planned = _placement(stack, observer)
+    with session(stack, project_dir, say=observer.stage) as s:
+        observer.stage(
+            "probe",
+            f"{len(s.inventory.vms())} VMs (playbooks/probe.yml), then one per participant, round-robin",
+        )
+        s.require_aggregator()
+        verdicts = _probe(s)
+        chosen, order = probe.choose(stack, s.inventory, s.paths, verdicts, advance=False)
+        usable = sum(v.usable for vs in verdicts.values() for v in vs)
+        observer.stage(
+            "choose",
+            ", ".join(f"{p}→{vm.name}" for p, vm in chosen.items())
+            + f" ({usable}/{len(s.inventory.vms())} VMs usable)",
+        )
+        observer.stage("check", "data and ports" if stack.is_local else "key files, inventory")
+        sites = preflight.data(stack, project_dir, settings)
+        preflight.superlink_port(stack, s.hosts["aggregator"], s.inventory.aggregator.address)
+        wheels = None
+        if configure.needs_wheels(stack):
+            observer.stage("wheels", "the hosts' packages, for an offline install (built once)")
+            wheels = configure.wheel_cache(s.paths)
+        timings.mark("setup")
+        record = _record(stack, settings, s.inventory, planned, order, verdicts, sites)
+        return Run(s, RunPlan(settings, verdicts, order, wheels), record, timings, observer).go()
+
+
+def _placement(stack: StackConfig, observer: Observer) -> dict[str, Any]:
+    """Where the aggregator is: planned now on the local stack (and emulated), as placed in
+    the stack file on a cloud stack, or a machine of your own."""
+    agg = stack.aggregator
+    if stack.is_local:
+        report = plan.make_plan(stack, stack.placement)
+        chosen = report.chosen
+        observer.stage(
+            "plan",
+            f"aggregator on {chosen.candidate.label}, ${chosen.candidate.usd_per_hour:.4f}/h, "
+            f"max RTT {chosen.max_rtt_ms:.0f} ms (emulated here)",
+        )
+        data = plan.report_dict(report)["chosen"]
+        return {
+            k: data[k]
+            for k in ("cloud", "region", "instance_type", "usd_per_hour", "max_rtt_ms", "round_seconds")
+        }
+    if agg.existing:
+        return {"given": True, "cloud": agg.cloud, "region": agg.region, "instance_type": agg.instance_type}
+    return {"cloud": agg.cloud, "region": agg.region, "instance_type": agg.instance_type}
+
+
+def _record(
+    stack: StackConfig,
+    settings: AppSettings,
+    inventory: Inventory,
+    planned: dict[str, Any],
+    order: dict[str, list[str]],
+    verdicts: dict[str, list[Verdict]],
+    sites: dict[str, dict[str, int]],
+) -> RunRecord:
+    agg = inventory.aggregator
+    return RunRecord(
+        run_id=new_run_id(),
+        stack=stack.name,
+        settings={k: v for k, v in settings.to_run_config().items() if k != "output-dir"},
+        aggregator={
+            "emulated": stack.is_local,
+            "kind": stack.kind,
+            "address": f"{agg.address}:{agg.port}",
+            "planned": planned,
+        },
+        participants=[
+            {
+                "name": p.name,
+                "vm": order[p.name][0],
+                "failover_order": order[p.name][1:],
+                "vms": [
+                    {"vm": v.probe.vm, "usable": v.usable, "why_not": v.reason or None}
+                    for v in verdicts[p.name]
+                ],
+                "region": p.region,
+                "location": p.location.describe() if p.location.cloud or p.location.lat is not None else None,
+                "train_examples": sites.get(p.name, {}).get("train"),
+                "test_examples": sites.get(p.name, {}).get("test"),
+            }
+            for p in stack.participants
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run was set up to do: its settings and, per participant, its VMs in order."""
+
+    settings: AppSettings
+    verdicts: dict[str, list[Verdict]]
+    order: dict[str, list[str]]
+    wheels: Path | None
+
+
+class Run:
+    """One run from configure to summary: start the fleet, train, then stop and collect
+    whatever happened (the summary is written on every way out)."""
+
+    def __init__(
+        self, s: Session, plan: RunPlan, record: RunRecord, timings: Timings, observer: Observer
+    ) -> None:
+        self.s, self.plan, self.record, self.timings, self.observer = s, plan, record, timings, observer
+        self.run_dir = s.paths.runs() / record.run_id
+        self.server_out = f"{s.hosts['aggregator'].home.rstrip('/')}/{SERVER_RUNS}/{record.run_id}"
+        self.state = RunState(plan.settings.num_server_rounds)
+        self.cli: FlwrCli | None = None
+        # Everything the playbook starts on a local host carries the run's marker: if the
+        # stop playbook cannot run, the process group still finds and stops it.
+        marker = s.procs.claim("flower services (supervisors of the local hosts)") if s.stack.is_local else {}
+        self.launcher = configure.Configurer(
+            s.stack, s.inventory, s.paths, s.hosts, flwr_bin=tool("flwr"), envvars=marker, progress=observer,
+            wheels=plan.wheels,
+        )  # fmt: skip
+        rules = fleet.Rules(s.stack.name, s.stack.orchestrator.connect_timeout, s.stack.app.min_participants)
+        self.fleet = fleet.Fleet(s.hosts, plan.order, self.launcher, rules, observer.stage)
+
+    def go(self) -> dict[str, Any]:
+        self.run_dir.mkdir(parents=True)
+        try:
+            try:
+                self._start()
+                self._train()
+            except BaseException:
+                self.observer.stage("stopping", "every process this run started")
+                raise
+            finally:
+                self._stop()
+                self._collect()
+        except BaseException as err:
+            self.record.fail(err)
+            raise
+        else:
+            self.record.status = "completed"
+        finally:
+            self.record.orchestration = self.fleet.to_dict()
+            self.timings.mark("stopped")
+            summary = self.record.summary(self.state, self.timings)
+            collect.write_summary(self.run_dir, summary)
+        return summary
+
+    def _start(self) -> None:
+        """The SuperLink and one connected SuperNode per participant (site.yml; the playbook
+        registers node keys through the operator's `flwr`, so its connection comes first)."""
+        self.cli = self.s.operator_cli()
+        order = self.plan.order
+        self.observer.stage(
+            "configure",
+            f"playbooks/{ansible.SITE}: SuperLink on the aggregator, SuperNodes on "
+            + ", ".join(f"{order[p][0]} ({p})" for p in order),
+        )
+        try:
+            self.fleet.start()
+        finally:
+            self.record.configure = self.launcher.report
+        self.record.serve(self.fleet.serving)
+        probe.record_served(self.s.paths, self.plan.verdicts, self.fleet.serving)
+        self.timings.mark("configured")
+
+    def _train(self) -> None:
+        """Submit the app, follow the ServerApp's events, watch and fail over meanwhile."""
+        settings = replace(self.plan.settings, output_dir=self.server_out)
+        cli = self.cli
+        assert cli is not None
+        self.fleet.tell_server(f"{self.server_out}/{fleet.FLEET_FILE}")
+        run_config = write_run_config(self.run_dir / "run_config.toml", settings.to_run_config())
+        self.observer.stage("submit", "flwr run fl/")
+        self.record.flower_run_id = train.submit(cli, self.s.paths.project / "fl", run_config)
+        self.timings.mark("submitted")
+        self.observer.stage("training", f"{settings.num_server_rounds} rounds")
+        tail = train.EventTail(self.s.hosts["aggregator"], f"{self.server_out}/{train.EVENTS}")
+        train.follow(
+            tail, self.state, self.observer, cli, self.record.flower_run_id, self.fleet.check, settings
+        )
+        self.timings.mark("trained")
+
+    def _stop(self) -> None:
+        _stop(self.launcher, self.fleet, self.record)
+        if self.fleet.failovers and self.fleet.serving:  # the next run starts after the replacements
+            probe.record_served(self.s.paths, self.plan.verdicts, self.fleet.serving)
+
+    def _collect(self) -> None:
+        _collect(self.s.hosts, self.fleet, self.server_out, self.run_dir, self.record)
+
+
+def _stop(launcher: configure.Configurer, f: fleet.Fleet, record: RunRecord) -> None:
+    """SuperNodes first, then the SuperLink (stop.yml on every host the run used). A host
+    that cannot be reached (a lost VM) is named with the command that stops it later."""
+    try:
+        play = ansible.apply(
+            ansible.STOP, launcher.inventory_for(f.serving.values()), limit=",".join(["aggregator", *f.used]),
+            envvars=launcher.envvars, check=False,
+        )  # fmt: skip
+    except FedfleetError as err:
+        record.stop_error = str(err)  # the process group stops what is left on local hosts
+        return
+    record.stop = {"seconds": round(play.seconds, 2)}
+    unreachable = sorted({p.host for p in play.problems if p.unreachable})
+    failed = [p for p in play.problems if not p.unreachable]
+    if unreachable:
+        record.stop["unreachable"] = unreachable
+        record.stop["later"] = f"fedfleet stop --stack {record.stack} --limit {','.join(unreachable)}"
+    if failed:
+        record.stop_error = "; ".join(p.describe() for p in failed)
+
+
+def _collect(hosts: Hosts, f: fleet.Fleet, server_out: str, run_dir: Path, record: RunRecord) -> None:
+    try:
+        collect.results(hosts["aggregator"], server_out, run_dir)
+    except FedfleetError as err:
+        record.collect_errors.append(f"aggregator: {err}")
+    record.collect_errors += collect.logs(hosts, ["aggregator", *f.used], run_dir)
+
+
+# -- fedfleet configure | stop | vms -----------------------------------------------------
+
+
+def configure_stack(
+    project_dir: Path,
+    stack_name: str,
+    *,
+    playbook: str = ansible.SITE,
+    limit: str | None = None,
+    progress: ansible.Progress | None = None,
+) -> dict[str, Any]:
+    """Apply `playbook` to a stack's hosts; the result (per-host counts, seconds) is also saved
+    as .fedfleet/<stack>/<playbook>.json."""
+    stack = load_stack(project_dir, stack_name)
+    site = playbook == ansible.SITE
+    with session(stack, project_dir, with_network=site) as s:
+        wheels = None
+        serving: list[str] = []
+        if site:
+            s.require_aggregator()
+            preflight.data(stack, project_dir, stack.app)  # the emulated sites' own data
+            chosen, _ = probe.choose(stack, s.inventory, s.paths, _probe(s), advance=False)
+            serving = [vm.name for vm in chosen.values()]  # where a run would start the SuperNodes
+            s.operator_cli()
+            wheels = configure.wheel_cache(s.paths) if configure.needs_wheels(stack) else None
+        hosts = s.ansible_inventory(serving, wheels)
+        try:
+            result = ansible.apply(playbook, hosts, limit=limit, progress=progress)
+        finally:
+            if stack.is_local and not site and limit is None:
+                # Namespaces mode: what the play could not stop is stopped with them.
+                provision.down_network(stack, project_dir)
+    report = {"stack": stack.name, "limit": limit, **result.to_dict()}
+    atomic_write(s.paths.report(playbook), json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def vms_report(project_dir: Path, stack_name: str) -> dict[str, Any]:
+    """The table behind `fedfleet vms`: each VM's probe, resources and whether it would serve."""
+    stack = load_stack(project_dir, stack_name)
+    with session(stack, project_dir, with_network=False) as s:
+        return probe.report(stack, s.paths, _probe(s))
+
+
+# -- fedfleet preview | up | outputs | destroy | trust -----------------------------------
+
+
+def destroy(t: provision.Target, echo: Callable[[str], None]) -> None:
+    if t.stack.is_local:
+        paths = stack_paths(t.stack, t.project)
+        with locked(paths):
+            pass  # refuses while a run holds the stack
+        if paths.inventory.exists():
+            configure_stack(t.project, t.stack.name, playbook=ansible.STOP)  # services and network
+        with locked(paths):
+            provision.down_network(t.stack, t.project)  # a network left without an inventory
+            root = provision.remove_local(t.stack, t.project)
+        echo(f"local stack {t.stack.name}: removed {root} (VM disks, keys, certificates, database)")
+        return
+    provision.destroy_cloud(t, echo)
+
+
+def trust(project_dir: Path, stack_name: str, names: list[str]) -> list[dict[str, Any]]:
+    """Accept the current SSH host keys of `names`: forget the recorded ones and record what
+    each host presents now (after the operator checked that it was rebuilt)."""
+    from fedfleet.adapters import ssh
+
+    stack = load_stack(project_dir, stack_name)
+    if stack.is_local:
+        raise ConfigError(
+            f"stack {stack_name!r} is the local stack: its hosts are this machine, with no SSH keys"
+        )
+    paths = stack_paths(stack, project_dir)
+    inventory = provision.saved_inventory(stack, project_dir)
+    known = {"aggregator": inventory.aggregator.admin_address} | {
+        vm.name: vm.address for vm in inventory.vms()
+    }
+    out = []
+    with locked(paths), ProcessGroup() as procs:
+        for name in names:
+            if name not in known:
+                raise ConfigError(f"stack {stack_name!r} has no host {name!r}; hosts: {', '.join(known)}")
+            label = "aggregator" if name == "aggregator" else f"{name} ({inventory.vm(name).participant})"
+            ep = endpoint(stack, paths, name, label, known[name])
+            forgot = ssh.forget_host_key(ep)
+            host = for_stack(stack, inventory, paths, procs)[name]
+            why = host.connect()
+            host.close()
+            out.append(
+                {"host": name, "forgot_old_key": forgot, "fingerprint": ssh.fingerprint(ep), "error": why}
+            )
+    return out
