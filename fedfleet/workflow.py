@@ -464,8 +464,9 @@ def trust(project_dir: Path, stack_name: str, names: list[str]) -> list[dict[str
         for name in names:
             if name not in known:
                 raise ConfigError(f"stack {stack_name!r} has no host {name!r}; hosts: {', '.join(known)}")
-            label = "aggregator" if name == "aggregator" else f"{name} ({inventory.vm(name).participant})"
-            ep = endpoint(stack, paths, name, label, known[name])
+            vm = None if name == "aggregator" else inventory.vm(name)
+            label = "aggregator" if vm is None else f"{name} ({vm.participant})"
+            ep = endpoint(stack, paths, name, label, known[name], None if vm is None else vm.jump_host)
             forgot = ssh.forget_host_key(ep)
             host = for_stack(stack, inventory, paths, procs)[name]
             why = host.connect()

@@ -10,6 +10,12 @@ NSG rules admit the whole virtual network (and peered ones) and Azure's load
 balancer, so each NSG ends with an explicit Deny-all at the lowest priority: the
 rules above it are the only way in.
 
+A site's bastion sits in the site's subnet, so the site's "within the site" rule
+admits its SSH to the VMs. Azure applies both the subnet's NSG and the NIC's to
+inbound traffic: the bastion's NIC has an NSG of its own (SSH from the operator,
+deny the rest) and the site's NSG admits SSH from the operator to the bastion only
+(its application security group), nothing else from outside.
+
 Image: Canonical's Ubuntu 24.04 LTS (Gen2) marketplace image, version "latest".
 Azure resolves "latest" in the VM's region when the VM is created, so every
 region gets its newest published image without a version pinned here (a newer
@@ -31,7 +37,17 @@ from pulumi_azure_native import compute, network, resources
 
 from fedfleet.core.stack import Operator
 
-from .common import SSH_PORT, AggregatorArgs, AggregatorComponent, SiteArgs, cloud_init, host_cidrs, vm_record
+from .common import (
+    SSH_PORT,
+    AggregatorArgs,
+    AggregatorComponent,
+    SiteArgs,
+    SiteComponent,
+    cloud_init,
+    host_cidrs,
+    jump_host,
+    vm_record,
+)
 from .config import Accounts
 
 UBUNTU = compute.ImageReferenceArgs(
@@ -134,6 +150,12 @@ DENY_ALL_INBOUND = network.SecurityRuleArgs(
 )
 
 
+def _ssh_from_operator(priority: int, operator_cidr: str) -> network.SecurityRuleArgs:
+    return _allow(
+        "ssh-from-operator", priority, "Tcp", str(SSH_PORT), [operator_cidr], "SSH from the operator"
+    )
+
+
 def aggregator_rules(port: int, sources: list[str], operator_cidr: str) -> list[network.SecurityRuleArgs]:
     """SuperLink from the participants' egress addresses (no rule when there are none: Azure rejects
     a rule without sources), SSH from the operator, then deny the rest."""
@@ -143,10 +165,36 @@ def aggregator_rules(port: int, sources: list[str], operator_cidr: str) -> list[
             _allow("superlink-from-participants", FIRST_PRIORITY, "Tcp", str(port), sources,
                    "Flower SuperLink (Fleet API) from participant sites")
         )  # fmt: skip
-    rules.append(
-        _allow("ssh-from-operator", FIRST_PRIORITY + 10, "Tcp", str(SSH_PORT), [operator_cidr],
-               "SSH from the operator")
-    )  # fmt: skip
+    rules.append(_ssh_from_operator(FIRST_PRIORITY + 10, operator_cidr))
+    return [*rules, DENY_ALL_INBOUND]
+
+
+def bastion_rules(operator_cidr: str) -> list[network.SecurityRuleArgs]:
+    """The bastion's NIC: SSH from the operator, then deny the rest."""
+    return [_ssh_from_operator(FIRST_PRIORITY, operator_cidr), DENY_ALL_INBOUND]
+
+
+def site_rules(
+    cidr: str, operator_cidr: str, bastion: network.ApplicationSecurityGroup | None
+) -> list[network.SecurityRuleArgs]:
+    """The site's subnet: everything from inside the site; SSH from the operator to the bastion
+    (its application security group), when the site has one; then deny the rest."""
+    rules = [_allow("within-site", FIRST_PRIORITY, "*", "*", [cidr], "within the site")]
+    if bastion is not None:
+        rules.append(
+            network.SecurityRuleArgs(
+                name="ssh-to-bastion-from-operator",
+                description="SSH from the operator to the site's bastion",
+                direction="Inbound",
+                access="Allow",
+                priority=FIRST_PRIORITY + 10,
+                protocol="Tcp",
+                source_address_prefixes=[operator_cidr],
+                source_port_range="*",
+                destination_application_security_groups=[network.ApplicationSecurityGroupArgs(id=bastion.id)],
+                destination_port_range=str(SSH_PORT),
+            )
+        )
     return [*rules, DENY_ALL_INBOUND]
 
 
@@ -213,6 +261,53 @@ def _private_ip(nic: network.NetworkInterface) -> pulumi.Output[str | None]:
     return nic.ip_configurations.apply(lambda configs: configs[0].private_ip_address if configs else None)
 
 
+def _public_vm(
+    name: str,
+    computer_name: str,
+    size: str,
+    region: str,
+    group: resources.ResourceGroup,
+    subnet: network.Subnet,
+    rules: pulumi.Input[list[network.SecurityRuleArgs]],
+    operator: Operator,
+    tags: dict[str, str],
+    child: pulumi.ResourceOptions,
+    asg: network.ApplicationSecurityGroup | None = None,
+) -> tuple[network.PublicIPAddress, network.NetworkInterface]:
+    """A VM with a static public address, its NIC behind an NSG of `rules` (and in `asg`)."""
+    firewall = network.NetworkSecurityGroup(
+        f"{name}-firewall",
+        resource_group_name=group.name,
+        location=region,
+        security_rules=rules,
+        tags=tags,
+        opts=child,
+    )
+    address = _public_ip(f"{name}-ip", region, group, tags, child)
+    nic = network.NetworkInterface(
+        f"{name}-nic",
+        resource_group_name=group.name,
+        location=region,
+        ip_configurations=[
+            network.NetworkInterfaceIPConfigurationArgs(
+                name="primary",
+                primary=True,
+                subnet=network.SubnetArgs(id=subnet.id),
+                private_ip_allocation_method="Dynamic",
+                public_ip_address=network.PublicIPAddressArgs(id=address.id),
+                application_security_groups=None
+                if asg is None
+                else [network.ApplicationSecurityGroupArgs(id=asg.id)],
+            )
+        ],
+        network_security_group=network.NetworkSecurityGroupArgs(id=firewall.id),
+        tags=tags,
+        opts=child,
+    )
+    _vm(f"{name}-vm", computer_name, size, region, group, nic, operator, tags, child)
+    return address, nic
+
+
 class Aggregator(AggregatorComponent):
     """A public VM for the SuperLink: its port open only to the participants, SSH only to the operator."""
 
@@ -223,40 +318,16 @@ class Aggregator(AggregatorComponent):
         group = _group(name, plan.region, tags, child)
         _, subnet = _network(name, plan.region, plan.cidr, group, tags, child)
         sources = pulumi.Output.from_input(args.participant_sources).apply(host_cidrs)
-        firewall = network.NetworkSecurityGroup(
-            f"{name}-firewall",
-            resource_group_name=group.name,
-            location=plan.region,
-            security_rules=sources.apply(
-                lambda cidrs: aggregator_rules(plan.port, cidrs, args.operator.cidr)
-            ),
-            tags=tags,
-            opts=child,
+        rules = sources.apply(lambda cidrs: aggregator_rules(plan.port, cidrs, args.operator.cidr))
+        address, nic = _public_vm(
+            name, name, plan.instance_type, plan.region, group, subnet, rules, args.operator, tags, child
         )
-        address = _public_ip(f"{name}-ip", plan.region, group, tags, child)
-        nic = network.NetworkInterface(
-            f"{name}-nic",
-            resource_group_name=group.name,
-            location=plan.region,
-            ip_configurations=[
-                network.NetworkInterfaceIPConfigurationArgs(
-                    name="primary",
-                    primary=True,
-                    subnet=network.SubnetArgs(id=subnet.id),
-                    private_ip_allocation_method="Dynamic",
-                    public_ip_address=network.PublicIPAddressArgs(id=address.id),
-                )
-            ],
-            network_security_group=network.NetworkSecurityGroupArgs(id=firewall.id),
-            tags=tags,
-            opts=child,
-        )
-        _vm(f"{name}-vm", name, plan.instance_type, plan.region, group, nic, args.operator, tags, child)
         self.publish("azure", plan, address.ip_address, _private_ip(nic))
 
 
-class ParticipantSite(pulumi.ComponentResource):
-    """A private network (no inbound from the internet, outbound through a NAT gateway) and its VMs."""
+class ParticipantSite(SiteComponent):
+    """A private network (no inbound from the internet, outbound through a NAT gateway), its VMs,
+    and its SSH bastion (SSH only from the operator)."""
 
     def __init__(self, name: str, args: SiteArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("fedfleet:azure:ParticipantSite", name, None, opts)
@@ -276,18 +347,34 @@ class ParticipantSite(pulumi.ComponentResource):
             tags=tags,
             opts=child,
         )
+        bastion_tags = args.tags.of("bastion", plan.participant)
+        # The bastion's application security group: the only destination of the operator's SSH
+        # through the site's NSG.
+        bastion_group = (
+            None
+            if plan.bastion_type is None
+            else network.ApplicationSecurityGroup(
+                f"{name}-bastion-asg", resource_group_name=group.name, location=plan.region, tags=bastion_tags,
+                opts=child,
+            )
+        )  # fmt: skip
         firewall = network.NetworkSecurityGroup(
             f"{name}-firewall",
             resource_group_name=group.name,
             location=plan.region,
-            security_rules=[
-                _allow("within-site", FIRST_PRIORITY, "*", "*", [plan.cidr], "within the site"),
-                DENY_ALL_INBOUND,
-            ],
+            security_rules=site_rules(plan.cidr, args.operator.cidr, bastion_group),
             tags=tags,
             opts=child,
         )
         _, subnet = _network(name, plan.region, plan.cidr, group, tags, child, nat=nat, firewall=firewall)
+        bastion_ip = None
+        if plan.bastion_type is not None:
+            address, _ = _public_vm(
+                f"{name}-bastion", f"{plan.participant}-bastion", plan.bastion_type, plan.region, group, subnet,
+                bastion_rules(args.operator.cidr), args.operator, bastion_tags, child, asg=bastion_group,
+            )  # fmt: skip
+            bastion_ip = address.ip_address
+        jump = jump_host(args.operator, bastion_ip)
         records = []
         for vm_plan in plan.vms:
             vm_name = f"{name}-{vm_plan.name}"
@@ -326,10 +413,10 @@ class ParticipantSite(pulumi.ComponentResource):
             )
             _vm(vm_name, vm_plan.name, vm_plan.instance_type, plan.region, group, nic, args.operator,
                 vm_tags, child, data_disks=[data])  # fmt: skip
-            records.append(vm_record(vm_plan, plan.participant, "azure", plan.region, _private_ip(nic)))
-        self.egress_ip = egress_ip.ip_address
-        self.vms = pulumi.Output.all(*records)
-        self.register_outputs({"egress_ip": self.egress_ip, "vms": self.vms})
+            records.append(
+                vm_record(vm_plan, plan.participant, "azure", plan.region, _private_ip(nic), jump=jump)
+            )
+        self.publish(egress_ip.ip_address, bastion_ip, records)
 
 
 def provider(region: str, accounts: Accounts) -> pulumi.ProviderResource:

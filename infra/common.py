@@ -5,7 +5,14 @@ nothing downstream (the `inventory` output, Ansible, the runner) branches on
 the cloud:
 
     Aggregator(name, AggregatorArgs, opts)   outputs: public_ip, private_ip, port, cloud, region, instance_type
-    ParticipantSite(name, SiteArgs, opts)    outputs: egress_ip, vms (list of VM dicts, see vm_record)
+    ParticipantSite(name, SiteArgs, opts)    outputs: egress_ip, bastion_ip (None without a bastion),
+                                             vms (list of VM dicts, see vm_record)
+
+A site's VMs have private addresses only. Unless the participant says `bastion: false`,
+the site has an SSH bastion: a small VM in the site's network with a static public
+address, SSH admitted only from the operator's network, and the same admin user and
+key. The site's firewall admits everything from inside the site's range, the
+bastion's address included; each VM's record names the bastion as its `jump_host`.
 """
 
 from __future__ import annotations
@@ -73,10 +80,23 @@ def cloud_init(operator: Operator) -> str:
     )
 
 
+def jump_host(operator: Operator, bastion_ip: pulumi.Output[Any] | None) -> pulumi.Output[str | None] | None:
+    """How the controller reaches a site's VMs through its bastion: "<admin user>@<public address>"."""
+    if bastion_ip is None:
+        return None
+    return bastion_ip.apply(lambda ip: None if ip is None else f"{operator.admin_user}@{ip}")
+
+
 def vm_record(
-    vm: VmPlan, participant: str, cloud: str, region: str, private_ip: Any, public_ip: Any = None
+    vm: VmPlan,
+    participant: str,
+    cloud: str,
+    region: str,
+    private_ip: Any,
+    public_ip: Any = None,
+    jump: Any = None,
 ) -> dict[str, Any]:
-    """One VM of the `inventory` output (the keys of fedfleet.inventory.VM)."""
+    """One VM of the `inventory` output (the keys of fedfleet.inventory.VM); `jump` from jump_host."""
     return {
         "name": vm.name,
         "participant": participant,
@@ -88,6 +108,7 @@ def vm_record(
         "instance_type": vm.instance_type,
         "cloud": cloud,
         "region": region,
+        "jump_host": jump,
     }
 
 
@@ -110,3 +131,13 @@ class AggregatorComponent(pulumi.ComponentResource):
             {"public_ip": self.public_ip, "private_ip": self.private_ip, "port": self.port,
              "cloud": self.cloud, "region": self.region, "instance_type": self.instance_type}
         )  # fmt: skip
+
+
+class SiteComponent(pulumi.ComponentResource):
+    """The outputs every cloud's participant site publishes, under the same names."""
+
+    def publish(self, egress_ip: Any, bastion_ip: Any, records: list[dict[str, Any]]) -> None:
+        self.egress_ip = pulumi.Output.from_input(egress_ip)
+        self.bastion_ip = pulumi.Output.from_input(bastion_ip)
+        self.vms = pulumi.Output.all(*records)
+        self.register_outputs({"egress_ip": self.egress_ip, "bastion_ip": self.bastion_ip, "vms": self.vms})

@@ -4,6 +4,10 @@ Each component gets its own VPC network (no auto subnets, so none of the
 `default` network's open rules). GCP denies all ingress and allows all egress
 unless a firewall rule says otherwise, so the rules below are the only way in.
 
+A site's bastion sits in the site's own subnet (so the site's rule "everything from
+inside the site's range" admits its SSH to the VMs), with an external address and a
+rule of its own: SSH from the operator's network, nothing else.
+
 VMs go in zone `<region>-b`: every GCP region has a `b` zone (some, like
 us-east1 and europe-west1, have no `a`). Simple and predictable; a machine type
 missing from that zone fails at `pulumi up` with GCP's own message.
@@ -17,7 +21,17 @@ import pulumi_gcp as gcp
 from fedfleet.core.cloudplan import VmPlan
 from fedfleet.core.stack import Operator
 
-from .common import SSH_PORT, AggregatorArgs, AggregatorComponent, SiteArgs, cloud_init, host_cidrs, vm_record
+from .common import (
+    SSH_PORT,
+    AggregatorArgs,
+    AggregatorComponent,
+    SiteArgs,
+    SiteComponent,
+    cloud_init,
+    host_cidrs,
+    jump_host,
+    vm_record,
+)
 from .config import Accounts
 
 # Canonical's Ubuntu 24.04 LTS image family: the newest image is looked up, never pinned.
@@ -26,6 +40,7 @@ UBUNTU_FAMILY = "ubuntu-2404-lts-amd64"
 ZONE_SUFFIX = "b"
 AGGREGATOR_TAG = "fedfleet-aggregator"  # network tags: what the firewall rules target
 SITE_TAG = "fedfleet-site"
+BASTION_TAG = "fedfleet-bastion"
 # Machine series that take only Hyperdisk (no pd-* disks); the catalog prices n4.
 HYPERDISK_ONLY = ("n4", "n4d", "n4a", "c4", "c4a", "c4d", "h4d", "m4", "x4", "a4")
 
@@ -110,6 +125,52 @@ def _instance(
     )
 
 
+def _public_vm(
+    name: str,
+    role: str,
+    machine_type: str,
+    region: str,
+    network: gcp.compute.Network,
+    subnet: gcp.compute.Subnetwork,
+    image: pulumi.Input[str],
+    operator: Operator,
+    labels: dict[str, str],
+    tag: str,
+    child: pulumi.ResourceOptions,
+) -> tuple[gcp.compute.Instance, gcp.compute.Address]:
+    """A VM with a static external address, and a rule admitting SSH to it (its network tag)
+    from the operator's network only."""
+    gcp.compute.Firewall(
+        f"{name}-ssh",
+        network=network.id,
+        description=f"fedfleet {role}: SSH from the operator",
+        direction="INGRESS",
+        allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(SSH_PORT)])],
+        source_ranges=[operator.cidr],
+        target_tags=[tag],
+        opts=child,
+    )
+    address = gcp.compute.Address(
+        f"{name}-ip", region=region, address_type="EXTERNAL", labels=labels, opts=child
+    )
+    vm = _instance(
+        f"{name}-vm",
+        machine_type,
+        region,
+        image,
+        gcp.compute.InstanceNetworkInterfaceArgs(
+            subnetwork=subnet.id,
+            nic_type="GVNIC",
+            access_configs=[gcp.compute.InstanceNetworkInterfaceAccessConfigArgs(nat_ip=address.address)],
+        ),
+        operator,
+        labels,
+        tag,
+        child,
+    )
+    return vm, address
+
+
 class Aggregator(AggregatorComponent):
     """A public VM for the SuperLink: its port open only to the participants, SSH only to the operator."""
 
@@ -132,39 +193,16 @@ class Aggregator(AggregatorComponent):
             target_tags=[AGGREGATOR_TAG],
             opts=child,
         )
-        gcp.compute.Firewall(
-            f"{name}-ssh",
-            network=network.id,
-            description="fedfleet aggregator: SSH from the operator",
-            direction="INGRESS",
-            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(SSH_PORT)])],
-            source_ranges=[args.operator.cidr],
-            target_tags=[AGGREGATOR_TAG],
-            opts=child,
-        )
-        address = gcp.compute.Address(
-            f"{name}-ip", region=plan.region, address_type="EXTERNAL", labels=labels, opts=child
-        )
-        vm = _instance(
-            f"{name}-vm",
-            plan.instance_type,
-            plan.region,
-            _ubuntu(child),
-            gcp.compute.InstanceNetworkInterfaceArgs(
-                subnetwork=subnet.id,
-                nic_type="GVNIC",
-                access_configs=[gcp.compute.InstanceNetworkInterfaceAccessConfigArgs(nat_ip=address.address)],
-            ),
-            args.operator,
-            labels,
-            AGGREGATOR_TAG,
-            child,
-        )
+        vm, address = _public_vm(
+            name, "aggregator", plan.instance_type, plan.region, network, subnet, _ubuntu(child),
+            args.operator, labels, AGGREGATOR_TAG, child,
+        )  # fmt: skip
         self.publish("gcp", plan, address.address, vm.network_interfaces[0].network_ip)
 
 
-class ParticipantSite(pulumi.ComponentResource):
-    """A private network (no inbound from the internet, outbound through Cloud NAT) and its VMs."""
+class ParticipantSite(SiteComponent):
+    """A private network (no inbound from the internet, outbound through Cloud NAT), its VMs,
+    and its SSH bastion (SSH only from the operator)."""
 
     def __init__(self, name: str, args: SiteArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("fedfleet:gcp:ParticipantSite", name, None, opts)
@@ -204,16 +242,23 @@ class ParticipantSite(pulumi.ComponentResource):
             opts=child,
         )
         image = _ubuntu(child)
+        bastion_ip = None
+        if plan.bastion_type is not None:
+            _, address = _public_vm(
+                f"{name}-bastion", "site bastion", plan.bastion_type, plan.region, network, subnet, image,
+                args.operator, args.tags.of("bastion", plan.participant), BASTION_TAG, child,
+            )  # fmt: skip
+            bastion_ip = address.address
+        jump = jump_host(args.operator, bastion_ip)
         records = []
         for vm_plan in plan.vms:
             vm = _site_vm(f"{name}-{vm_plan.name}", vm_plan, plan.region, subnet, image, args.operator,
                           {**labels, "vm": vm_plan.name}, child)  # fmt: skip
             records.append(
-                vm_record(vm_plan, plan.participant, "gcp", plan.region, vm.network_interfaces[0].network_ip)
-            )
-        self.egress_ip = egress_ip.address
-        self.vms = pulumi.Output.all(*records)
-        self.register_outputs({"egress_ip": self.egress_ip, "vms": self.vms})
+                vm_record(vm_plan, plan.participant, "gcp", plan.region, vm.network_interfaces[0].network_ip,
+                          jump=jump)
+            )  # fmt: skip
+        self.publish(egress_ip.address, bastion_ip, records)
 
 
 def _site_vm(

@@ -9,16 +9,19 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from ruamel.yaml import YAML
 
 from fedfleet import workflow
 from fedfleet.adapters import ansible
 from fedfleet.adapters.processes import ProcessGroup
+from fedfleet.adapters.ssh import Endpoint, options
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.inventory import VM, AggregatorHost, Inventory
 from fedfleet.core.paths import data_path, stack_paths
 from fedfleet.core.selection import Probe, Verdict
 from fedfleet.core.stack import load_stack
-from fedfleet.hosts import for_stack
+from fedfleet.hosts import Hosts, for_stack
+from fedfleet.hosts.ssh import SSHHost
 from fedfleet.sandbox import REPO, local_config, scratch_project
 from fedfleet.stages import configure
 from fedfleet.stages.probe import choose
@@ -90,9 +93,12 @@ def test_stopped_vms_are_not_chosen_and_runs_rotate(tmp_path: Path):
         assert chosen["hospital-asia"].name == "asia-vm-3"
 
 
-def cloud_inventory() -> Inventory:
+def cloud_inventory(jumps: dict[str, str] | None = None) -> Inventory:
+    """A cloud stack's inventory; `jumps`: each participant's bastion ("user@address")."""
+
     def vm(name: str, participant: str, ip: str) -> VM:
-        return VM(name, participant, "aws", "us-east-1", ip, None, 2, 4, 20, "t3.medium")
+        jump = (jumps or {}).get(participant)
+        return VM(name, participant, "aws", "us-east-1", ip, None, 2, 4, 20, "t3.medium", jump_host=jump)
 
     return Inventory(
         "dev",
@@ -130,6 +136,60 @@ def test_cloud_inventory_reaches_vms_over_ssh(tmp_path: Path):
     vm = hosts_of(ansible_hosts, "participants")["a-vm-1"]
     assert vm["ansible_host"] == "10.20.1.10"
     assert vm["flower_supernode_data_path"] == "/srv/fedfleet/sites/hospital-a/data"
+
+
+BASTIONS = {"hospital-a": "fedfleet@203.0.113.20", "hospital-b": "fedfleet@203.0.113.21"}
+
+
+def endpoint_of(hosts: Hosts, name: str) -> Endpoint:
+    host = hosts[name]
+    assert isinstance(host, SSHHost)
+    return host.ep
+
+
+def test_cloud_vms_are_reached_through_their_sites_bastion(tmp_path: Path):
+    project = scratch_project(tmp_path / "p")
+    (project / "stacks" / "Pulumi.dev.yaml").write_text((REPO / "stacks" / "Pulumi.dev.yaml").read_text())
+    stack = load_stack(project, "dev")
+    paths = stack_paths(stack, project)
+    hosts = for_stack(stack, cloud_inventory(BASTIONS), paths, ProcessGroup())
+    for name, bastion in (("a-vm-1", "203.0.113.20"), ("b-vm-1", "203.0.113.21")):
+        ep = endpoint_of(hosts, name)
+        assert ep.address.startswith("10.2") and isinstance(ep.jump, Endpoint)
+        assert (ep.jump.user, ep.jump.address, ep.jump.port) == ("fedfleet", bastion, 22)
+        # The same key and the same host-key checks as the VM behind it.
+        assert (ep.jump.key_file, ep.jump.known_hosts) == (ep.key_file, ep.known_hosts)
+        proxy = options(ep)[-1]
+        assert proxy.startswith("ProxyCommand=ssh ") and proxy.endswith(f" fedfleet@{bastion}")
+    assert endpoint_of(hosts, "aggregator").jump is None
+    # Ansible goes the same way.
+    ansible_hosts = configure.ansible_inventory(
+        stack, cloud_inventory(BASTIONS), paths, hosts, [], flwr_bin="flwr"
+    )
+    vm = hosts_of(ansible_hosts, "participants")["a-vm-1"]
+    assert vm["ansible_host"] == "10.20.1.10" and "fedfleet@203.0.113.20" in vm["ansible_ssh_common_args"]
+
+
+def test_a_jump_host_in_the_stack_file_wins_over_the_bastion(tmp_path: Path):
+    config = YAML(typ="safe").load((REPO / "stacks" / "Pulumi.dev.yaml").read_text())["config"]
+    config["fedfleet:participants"][1]["ssh"] = {"jumpHost": "ops@vpn.hospital-b.example:2222"}
+    project = scratch_project(tmp_path / "p", config, stack="dev")
+    stack = load_stack(project, "dev")
+    hosts = for_stack(stack, cloud_inventory(BASTIONS), stack_paths(stack, project), ProcessGroup())
+    b = endpoint_of(hosts, "b-vm-1").jump
+    assert b is not None and (b.user, b.address, b.port) == ("ops", "vpn.hospital-b.example", 2222)
+    a = endpoint_of(hosts, "a-vm-1").jump
+    assert a is not None and a.address == "203.0.113.20"
+
+
+def test_an_inventory_saved_before_bastions_still_loads():
+    saved = cloud_inventory().to_dict()
+    for vms in saved["participants"].values():
+        for vm in vms:
+            del vm["jump_host"]
+    inventory = Inventory.from_dict(saved)
+    assert [vm.jump_host for vm in inventory.vms()] == [None, None]
+    assert inventory == cloud_inventory()
 
 
 def test_configure_a_cloud_stack_before_it_is_up_says_what_to_do(tmp_path: Path):

@@ -162,6 +162,9 @@ def test_lost_vms_are_replaced_and_the_run_completes(make_project):
     recovered = vm_lost["replacement_online_at"] - killed_at
     print(f"killed asia-vm-1: detected after {detected:.1f} s, replacement online after {recovered:.1f} s")
     assert 0 <= detected < 10 and recovered < 60
+    print(
+        f"killed us-vm-1's SuperNode: replacement online {process_lost['replacement_seconds']:.1f} s after it was noticed"
+    )
     rounds = {r["round"]: r for r in summary["rounds"]}
     # Each round went on without the lost node; the participant is back in the next round.
     served = {r: {s["participant"]: s["vm"] for s in rounds[r]["sites"]["train"]} for r in rounds if r}

@@ -7,6 +7,7 @@ import functools
 import importlib
 import inspect
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import pulumi
@@ -39,8 +40,10 @@ NIC = "azure-native:network:NetworkInterface"
 VM = "azure-native:compute:VirtualMachine"
 DISK = "azure-native:compute:Disk"
 OPEN = {"*", "internet", "any", "0.0.0.0/0", "0.0.0.0", "::/0"}
+ASG = "azure-native:network:ApplicationSecurityGroup"
 VM_KEYS = {"name", "participant", "private_ip", "public_ip", "vcpu", "memory_gib", "disk_gib",
-           "instance_type", "cloud", "region"}  # fmt: skip
+           "instance_type", "cloud", "region", "jump_host"}  # fmt: skip
+WITH_BASTION = replace(SITE, bastion_type="Standard_B2s")
 
 
 class AzureRecorder(Recorder):
@@ -63,12 +66,12 @@ class AzureRecorder(Recorder):
         return rid, outputs
 
 
-def build_site(operator=OPERATOR):
+def build_site(operator=OPERATOR, plan=SITE):
     from infra import azure
     from infra.common import SiteArgs, Tags
 
-    site = azure.ParticipantSite("site-hospital-eu", SiteArgs(SITE, operator, Tags("test")))
-    return pulumi.Output.all(egress=site.egress_ip, vms=site.vms)
+    site = azure.ParticipantSite("site-hospital-eu", SiteArgs(plan, operator, Tags("test")))
+    return pulumi.Output.all(egress=site.egress_ip, vms=site.vms, bastion=site.bastion_ip)
 
 
 def build_aggregator(sources=SOURCES):
@@ -85,8 +88,8 @@ def build_aggregator(sources=SOURCES):
 # azure-native resources carry many aliases, so a declaration takes seconds: each one is made
 # once and its recorder shared by the tests that only read it.
 @functools.cache
-def site(operator: Operator = OPERATOR) -> tuple[Recorder, Any]:
-    return declare(lambda: build_site(operator), recorder=AzureRecorder())
+def site(operator: Operator = OPERATOR, plan: SitePlan = SITE) -> tuple[Recorder, Any]:
+    return declare(lambda: build_site(operator, plan), recorder=AzureRecorder())
 
 
 @functools.cache
@@ -102,9 +105,9 @@ def counts(rec: Recorder) -> dict[str, int]:
     return dict(Counter(r.typ for r in rec.resources if r.typ.startswith("azure-native:")))
 
 
-def inbound(rec: Recorder) -> dict[str, dict[str, Any]]:
-    """The one NSG's inbound rules by name."""
-    (nsg,) = rec.of(NSG)
+def inbound(rec: Recorder, nsg_name: str | None = None) -> dict[str, dict[str, Any]]:
+    """The inbound rules by name of the one NSG (or of the NSG `nsg_name`)."""
+    (nsg,) = [n for n in rec.of(NSG) if nsg_name in (None, n.name)]
     return {r["name"]: r for r in nsg.inputs["securityRules"] if r["direction"] == "Inbound"}
 
 
@@ -112,17 +115,17 @@ def sources_of(rule: dict[str, Any]) -> list[str]:
     return rule.get("sourceAddressPrefixes") or [rule["sourceAddressPrefix"]]
 
 
-def allowed(rec: Recorder) -> dict[tuple[str, str], list[str]]:
+def allowed(rec: Recorder, nsg_name: str | None = None) -> dict[tuple[str, str], list[str]]:
     """(protocol, destination port) -> sources, for every inbound Allow rule."""
     return {
         (r["protocol"], r["destinationPortRange"]): sources_of(r)
-        for r in inbound(rec).values()
+        for r in inbound(rec, nsg_name).values()
         if r["access"] == "Allow"
     }
 
 
-def assert_denies_the_rest(rec: Recorder) -> None:
-    rules = inbound(rec)
+def assert_denies_the_rest(rec: Recorder, nsg_name: str | None = None) -> None:
+    rules = inbound(rec, nsg_name)
     deny = rules["deny-all-inbound"]
     assert (deny["access"], deny["protocol"], sources_of(deny)) == ("Deny", "*", ["*"])
     assert deny["destinationPortRange"] == "*"
@@ -216,6 +219,8 @@ def test_site_outputs():
         assert set(vm) == VM_KEYS
         assert vm["public_ip"] is None and vm["private_ip"].startswith("10.97.")
         assert (vm["cloud"], vm["region"], vm["participant"]) == ("azure", "westeurope", "hospital-eu")
+        assert vm["jump_host"] is None  # no bastion in this plan
+    assert out["bastion"] is None
     assert len({vm["private_ip"] for vm in out["vms"]}) == 2
     assert [(v["instance_type"], v["vcpu"], v["memory_gib"], v["disk_gib"]) for v in out["vms"]] == [
         ("Standard_D4s_v5", 4, 16, 40), ("Standard_B2s", 2, 4, 20),
@@ -365,3 +370,55 @@ def test_provider_is_explicit_per_region():
     assert prov.name == "azure-westeurope" and prov.inputs.get("location") == "westeurope"
     resources = azure_resources(rec)
     assert resources and all(r.provider and "azure-westeurope" in r.provider for r in resources)
+
+
+def test_site_bastion_is_public_and_admits_ssh_from_the_operator_only():
+    from infra.common import cloud_init
+
+    rec, out = site(OPERATOR, WITH_BASTION)
+    assert counts(rec) == {RG: 1, VNET: 1, SUBNET: 1, PIP: 2, NAT: 1, NSG: 2, ASG: 1, NIC: 3, DISK: 2, VM: 3}
+    vms = {v.name: v.inputs for v in rec.of(VM)}
+    (name,) = [n for n, v in vms.items() if v["tags"]["role"] == "bastion"]
+    bastion = vms.pop(name)
+    assert name == "site-hospital-eu-bastion-vm"
+    assert bastion["hardwareProfile"]["vmSize"] == "Standard_B2s"
+    assert not bastion["storageProfile"].get("dataDisks")
+    assert bastion["osProfile"]["adminUsername"] == "fedfleet"
+    assert base64.b64decode(bastion["osProfile"]["customData"]).decode() == cloud_init(OPERATOR)
+    # Its NIC: in the site's subnet, on a static public address, in the bastion's security group,
+    # behind an NSG of its own that admits SSH from the operator and denies the rest.
+    nics = {n.name: n.inputs for n in rec.of(NIC)}
+    nic = nics.pop("site-hospital-eu-bastion-nic")
+    assert bastion["networkProfile"]["networkInterfaces"] == [
+        {"id": "site-hospital-eu-bastion-nic-id", "primary": True}
+    ]
+    (config,) = nic["ipConfigurations"]
+    assert config["subnet"]["id"] == "site-hospital-eu-subnet-id"
+    assert config["publicIPAddress"] == {"id": "site-hospital-eu-bastion-ip-id"}
+    assert config["applicationSecurityGroups"] == [{"id": "site-hospital-eu-bastion-asg-id"}]
+    assert nic["networkSecurityGroup"] == {"id": "site-hospital-eu-bastion-firewall-id"}
+    assert allowed(rec, "site-hospital-eu-bastion-firewall") == {("Tcp", "22"): ["198.51.100.7/32"]}
+    assert_denies_the_rest(rec, "site-hospital-eu-bastion-firewall")
+    address = next(p for p in rec.of(PIP) if p.name == "site-hospital-eu-bastion-ip")
+    assert address.inputs["publicIPAllocationMethod"] == "Static"
+    # The site's subnet NSG (Azure applies it too): everything from inside the site, and SSH from
+    # the operator to the bastion's security group only.
+    site_rules = inbound(rec, "site-hospital-eu-firewall")
+    assert allowed(rec, "site-hospital-eu-firewall") == {
+        ("*", "*"): ["10.22.0.0/16"], ("Tcp", "22"): ["198.51.100.7/32"],
+    }  # fmt: skip
+    to_bastion = site_rules["ssh-to-bastion-from-operator"]
+    assert to_bastion["destinationApplicationSecurityGroups"] == [{"id": "site-hospital-eu-bastion-asg-id"}]
+    assert "destinationAddressPrefix" not in to_bastion
+    assert_denies_the_rest(rec, "site-hospital-eu-firewall")
+    # The site's VMs stay private; each names the bastion as its jump host.
+    for vm_nic in nics.values():
+        (vm_config,) = vm_nic["ipConfigurations"]
+        assert "publicIPAddress" not in vm_config and "applicationSecurityGroups" not in vm_config
+    assert out["bastion"].startswith("192.0.2.")
+    assert [v["jump_host"] for v in out["vms"]] == [f"fedfleet@{out['bastion']}"] * 2
+    assert all(v["public_ip"] is None for v in out["vms"])
+    # Tagged like the site, with the role "bastion".
+    for r in azure_resources(rec):
+        if "-bastion-" in r.name and accepts_tags(r):
+            assert r.inputs["tags"]["role"] == "bastion" and r.inputs["tags"]["participant"] == "hospital-eu"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import pulumi
@@ -30,7 +31,8 @@ FIREWALL = "gcp:compute/firewall:Firewall"
 ANYWHERE = "0.0.0.0/0"
 IMAGE = "projects/ubuntu-os-cloud/global/images/ubuntu-2404-noble-amd64-v20990101-from-lookup"
 VM_KEYS = {"name", "participant", "private_ip", "public_ip", "vcpu", "memory_gib", "disk_gib",
-           "instance_type", "cloud", "region"}  # fmt: skip
+           "instance_type", "cloud", "region", "jump_host"}  # fmt: skip
+WITH_BASTION = replace(SITE, bastion_type="e2-standard-2")
 
 
 class GcpRecorder(Recorder):
@@ -56,12 +58,12 @@ class GcpRecorder(Recorder):
         return result
 
 
-def build_site():
+def build_site(plan: SitePlan = SITE):
     from infra import gcp
     from infra.common import SiteArgs, Tags
 
-    site = gcp.ParticipantSite("site-hospital-eu", SiteArgs(SITE, OPERATOR, Tags("test")))
-    return pulumi.Output.all(egress=site.egress_ip, vms=site.vms)
+    site = gcp.ParticipantSite("site-hospital-eu", SiteArgs(plan, OPERATOR, Tags("test")))
+    return pulumi.Output.all(egress=site.egress_ip, vms=site.vms, bastion=site.bastion_ip)
 
 
 def build_aggregator(sources=SOURCES):
@@ -75,8 +77,8 @@ def build_aggregator(sources=SOURCES):
     )  # fmt: skip
 
 
-def site():
-    return declare(build_site, recorder=GcpRecorder())
+def site(plan: SitePlan = SITE):
+    return declare(lambda: build_site(plan), recorder=GcpRecorder())
 
 
 def aggregator(sources=SOURCES):
@@ -165,6 +167,8 @@ def test_site_outputs():
         assert set(vm) == VM_KEYS
         assert vm["public_ip"] is None and vm["private_ip"].startswith("10.98.")
         assert (vm["cloud"], vm["region"], vm["participant"]) == ("gcp", "europe-west1", "hospital-eu")
+        assert vm["jump_host"] is None  # no bastion in this plan
+    assert out["bastion"] is None
     assert [(v["instance_type"], v["vcpu"], v["memory_gib"], v["disk_gib"]) for v in out["vms"]] == [
         ("n2-standard-4", 4, 16, 40), ("n4-standard-2", 2, 8, 20),
     ]  # fmt: skip
@@ -287,3 +291,41 @@ def test_provider_is_explicit_per_region():
     # The image is looked up through the same provider.
     lookups = [prov for token, prov in rec.invoke_providers if token == "gcp:compute/getImage:getImage"]
     assert lookups and all(prov and "gcp-europe-west1" in prov for prov in lookups)
+
+
+def test_site_bastion_is_public_and_admits_ssh_from_the_operator_only():
+    rec, out = site(WITH_BASTION)
+    instances = {i.name: i.inputs for i in rec.of(INSTANCE)}
+    (name,) = [n for n, i in instances.items() if i["labels"]["role"] == "bastion"]
+    bastion = instances.pop(name)
+    assert name == "site-hospital-eu-bastion-vm" and bastion["machineType"] == "e2-standard-2"
+    assert bastion["tags"] == ["fedfleet-bastion"] and not bastion.get("attachedDisks")
+    assert bastion["metadata"]["ssh-keys"] == f"fedfleet:{SSH_KEY}"
+    assert bastion["bootDisk"]["initializeParams"]["image"] == IMAGE
+    # In the site's own subnet (the site's range), public on a reserved static address.
+    (nic,) = bastion["networkInterfaces"]
+    assert nic["subnetwork"] == "site-hospital-eu-subnet-id"
+    (access,) = nic["accessConfigs"]
+    addresses = {a.name: a.inputs for a in rec.of("gcp:compute/address:Address")}
+    assert set(addresses) == {"site-hospital-eu-nat-ip", "site-hospital-eu-bastion-ip"}
+    assert access["natIp"] == out["bastion"] and out["bastion"].startswith("198.51.100.")
+    # Inbound: SSH from the operator to the bastion; everything from inside the site to its VMs.
+    rules = ingress(rec)
+    assert set(rules) == {"site-hospital-eu-firewall", "site-hospital-eu-bastion-ssh"}
+    ssh = rules["site-hospital-eu-bastion-ssh"]
+    assert [(a["protocol"], a["ports"]) for a in ssh["allows"]] == [("tcp", ["22"])]
+    assert ssh["sourceRanges"] == ["198.51.100.7/32"] and ssh["targetTags"] == ["fedfleet-bastion"]
+    assert rules["site-hospital-eu-firewall"]["sourceRanges"] == [WITH_BASTION.cidr]
+    assert all(ANYWHERE not in r["sourceRanges"] for r in rules.values())
+    # The site's VMs stay private; each names the bastion as its jump host.
+    for vm in instances.values():
+        (vm_nic,) = vm["networkInterfaces"]
+        assert not vm_nic.get("accessConfigs") and vm["tags"] == ["fedfleet-site"]
+    assert [v["jump_host"] for v in out["vms"]] == [f"fedfleet@{out['bastion']}"] * 2
+    assert all(v["public_ip"] is None for v in out["vms"])
+    # Labelled like the site, with the role "bastion".
+    for r in rec.resources:
+        if "labels" in r.inputs and "-bastion-" in r.name:
+            assert (
+                r.inputs["labels"]["role"] == "bastion" and r.inputs["labels"]["participant"] == "hospital-eu"
+            )

@@ -22,6 +22,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CLOUD_STACKS = ["dev", "prod"]
 
 
+def bastions(rec: Recorder) -> list[str]:
+    """The names of the VMs with the role "bastion", whatever the cloud (labels on GCP)."""
+    vms = [
+        (r, "tags")
+        for r in rec.of("aws:ec2/instance:Instance") + rec.of("azure-native:compute:VirtualMachine")
+    ]
+    vms += [(r, "labels") for r in rec.of("gcp:compute/instance:Instance")]
+    return sorted(r.name for r, key in vms if r.inputs[key]["role"] == "bastion")
+
+
 def ingress_sources(rec: Recorder) -> list[tuple[str, str]]:
     """(resource, source range) for every inbound allow rule, whatever the cloud."""
     out = []
@@ -50,6 +60,16 @@ def test_shipped_cloud_stack_builds_under_mocks(name: str):
         assert [vm.name for vm in vms] == [v.name for v in participant.vms]
         assert all(vm.public_ip is None and vm.private_ip for vm in vms)
         assert {(vm.cloud, vm.region) for vm in vms} == {(participant.cloud, participant.region)}
+    # One bastion per site; the controller reaches each site's VMs through it, as the admin user.
+    assert bastions(rec) == sorted(f"site-{p.name}-bastion-vm" for p in stack.participants)
+    assert stack.operator is not None
+    bastion_ips = set()
+    for vms in inventory.participants.values():
+        (jump,) = {vm.jump_host for vm in vms}
+        user, _, ip = str(jump).partition("@")
+        assert user == stack.operator.admin_user, jump
+        bastion_ips.add(ipaddress.ip_address(ip))
+    assert len(bastion_ips) == len(stack.participants)
     agg = inventory.aggregator
     assert (agg.cloud, agg.region, agg.instance_type) == (
         stack.aggregator.cloud, stack.aggregator.region, stack.aggregator.instance_type,
@@ -220,3 +240,25 @@ def test_a_mixed_stack_creates_the_aggregator_and_no_vm_for_machines_given_by_ad
     aggregator_rules = [src for resource, src in ingress_sources(rec) if resource.startswith("aggregator")]
     assert "198.51.100.0/28" in aggregator_rules
     assert inventory.aggregator is not None and inventory.aggregator.address
+
+
+def test_every_created_site_gets_a_bastion_of_the_cheapest_type(tmp_path: Path):
+    plan = _plan(_prod(), tmp_path)
+    catalog = load_catalog()
+    for site in plan.sites:
+        assert site.bastion_type is not None
+        chosen = catalog.prices[(site.cloud, site.region, site.bastion_type)]
+        here = [p for (c, r, _), p in catalog.prices.items() if (c, r) == (site.cloud, site.region)]
+        assert chosen.usd_per_hour == min(p.usd_per_hour for p in here)
+
+
+def test_a_site_without_a_bastion_is_reached_another_way():
+    """`bastion: false`: no bastion for that site, and its VMs have no jump host."""
+    config = _prod()
+    config["fedfleet:participants"][1]["bastion"] = False
+    rec, exported = run_program(config, stack="prod")
+    inventory = Inventory.from_dict(exported["inventory"])
+    assert bastions(rec) == ["site-hospital-eu-bastion-vm", "site-hospital-us-bastion-vm"]
+    assert [vm.jump_host for vm in inventory.participants["hospital-asia"]] == [None, None]
+    assert not [r for r in rec.resources if r.name.startswith("site-hospital-asia-bastion")]
+    assert all(vm.jump_host for p in ("hospital-us", "hospital-eu") for vm in inventory.participants[p])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from ruamel.yaml import YAML
 
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.stack import available_stacks, load_stack
@@ -156,3 +157,33 @@ def test_participant_location_is_region_or_coordinates(make_project):
     _expect(
         make_project, config, r"participants\[0\]\.location: give either \{cloud, region\} or \{lat, lon\}"
     )
+
+
+def _shipped(name: str) -> dict:
+    return dict(YAML(typ="safe").load((REPO / "stacks" / f"Pulumi.{name}.yaml").read_text())["config"])
+
+
+def test_bastion_is_only_for_sites_fedfleet_creates(make_project):
+    config = _shipped("onprem")
+    config["fedfleet:participants"][1]["bastion"] = True
+    project = make_project(config, stack="onprem")
+    with pytest.raises(
+        ConfigError,
+        match=r"Pulumi\.onprem\.yaml: fedfleet:participants\[1\]\.bastion: is the SSH gateway `fedfleet up` "
+        r"creates in a cloud site; this participant's VMs are given by address.*ssh\.jumpHost",
+    ):
+        load_stack(project, "onprem")
+    config = _config()
+    config["fedfleet:participants"][0]["bastion"] = False
+    _expect(make_project, config, r"fedfleet:participants\[0\]\.bastion: the local stack emulates its hosts")
+
+
+def test_bastion_is_on_by_default_for_cloud_sites(make_project):
+    config = _shipped("dev")
+    assert all(p.bastion for p in load_stack(make_project(config, stack="dev"), "dev").participants)
+    config["fedfleet:participants"][1]["bastion"] = False
+    stack = load_stack(make_project(config, stack="dev"), "dev")
+    assert [p.bastion for p in stack.participants] == [True, False]
+    config["fedfleet:participants"][1]["bastion"] = "no"
+    with pytest.raises(ConfigError, match=r"participants\[1\]\.bastion: must be true or false \(got 'no'\)"):
+        load_stack(make_project(config, stack="dev"), "dev")

@@ -84,7 +84,7 @@ def parse_jump(spec: str, like: Endpoint) -> Endpoint:
         key_file=like.key_file,
         known_hosts=like.known_hosts,
         connect_timeout=like.connect_timeout,
-        trust_command=like.trust_command,
+        trust_command="",  # `fedfleet trust` names hosts of the inventory; a gateway is forgotten by hand
     )
 
 
@@ -133,10 +133,13 @@ def explain(ep: Endpoint, stderr: str) -> str:
     last = text.splitlines()[-1] if text else "no message"
     where = f"{ep.label} ({ep.destination}, port {ep.port})"
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "Host key verification failed" in text:
+        hop = ep.jump
+        via = "" if hop is None else f" (or that of its jump host {hop.destination}, port {hop.port})"
         return (
-            f"{where}: its SSH host key is not the one recorded in {ep.known_hosts} (the host was "
+            f"{where}: its SSH host key{via} is not the one recorded in {ep.known_hosts} (the host was "
             "reinstalled, or another machine answers at that address). Nothing was sent to it. If you "
-            f"trust the host's new key: {ep.trust_command or f'ssh-keygen -R {ep.known_name} -f {ep.known_hosts}'}"
+            f"trust the host's new key: {ep.trust_command or forget_command(ep)}"
+            + ("" if hop is None else f"; the jump host's: {forget_command(hop)}")
         )
     if "UNPROTECTED PRIVATE KEY FILE" in text:
         return (
@@ -163,6 +166,11 @@ def explain(ep: Endpoint, stderr: str) -> str:
             "address, and the network path to it (VPN, firewall, ssh.jumpHost)"
         )
     return f"{where}: ssh failed: {last}"
+
+
+def forget_command(ep: Endpoint) -> str:
+    """The command that forgets the key recorded for `ep` (the next contact records the new one)."""
+    return f"ssh-keygen -R {shlex.quote(ep.known_name)} -f {shlex.quote(str(ep.known_hosts))}"
 
 
 def ssh_argv(ep: Endpoint, *command: str, extra: tuple[str, ...] = ()) -> list[str]:

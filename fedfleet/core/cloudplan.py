@@ -2,9 +2,11 @@
 
 Pure logic: the validated stack plus the catalog give one frozen plan — the
 aggregator where `fedfleet plan` put it, one private site per participant with
-its CIDR, and each VM's instance type (given, or the catalog's cheapest type in
-that region with at least the VM's vCPU and memory). Every error names the stack
-file and key. The Pulumi program (infra/) only turns this plan into resources.
+its CIDR, each VM's instance type (given, or the catalog's cheapest type in
+that region with at least the VM's vCPU and memory) and the site's SSH bastion
+(the catalog's cheapest type in that region, unless the participant says
+`bastion: false`). Every error names the stack file and key. The Pulumi program
+(infra/) only turns this plan into resources.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from fedfleet.core.catalog import Catalog
+from fedfleet.core.catalog import Catalog, Price
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.stack import PROJECT, Operator, StackConfig, VMSpec
 from fedfleet.core.util import closest
@@ -20,6 +22,8 @@ from fedfleet.core.util import closest
 DEFAULT_SITE_CIDR = "10.{n}.0.0/16"  # participant i gets 10.(20 + i).0.0/16
 # Resource names are "site-<participant>-<vm>-<suffix>" plus Pulumi's 8-character
 # auto-name suffix; each cloud caps names (GCP 63, Azure VM names 64, AWS tags 256).
+# A site's bastion is "site-<participant>-bastion-vm" (and on GCP "-ip", "-ssh"): no
+# longer than a VM's names, so the VMs' check covers it.
 AUTONAME_SUFFIX = 8
 MAX_NAME = {"gcp": 63, "azure": 64, "aws": 255}
 
@@ -40,6 +44,9 @@ class SitePlan:
     region: str
     cidr: str
     vms: tuple[VmPlan, ...]
+    # The instance type of the site's SSH bastion (the controller's way to the VMs' private
+    # addresses); None: no bastion (the operator reaches them through a VPN or a jump host).
+    bastion_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,8 @@ def _plan_sites(stack: StackConfig, catalog: Catalog, aggregator: AggregatorPlan
                     f"{p.name!r} and VM {vm.name!r} reach {longest} characters, over {p.cloud}'s "
                     f"{MAX_NAME[p.cloud]}; shorten the participant or VM name"
                 )
-        sites.append(SitePlan(p.name, p.cloud, p.region, cidr, tuple(vms)))
+        bastion = _cheapest(catalog, p.cloud, p.region) if p.bastion else None
+        sites.append(SitePlan(p.name, p.cloud, p.region, cidr, tuple(vms), bastion))
     return InfraPlan(
         stack=stack.name,
         operator=stack.operator,
@@ -183,5 +191,17 @@ def _vm(catalog: Catalog, cloud: str, region: str, vm: VMSpec, where: str) -> Vm
         raise ConfigError(
             f"{where}: no instance type in {cloud} {region} has {vm.vcpu} vCPU and {vm.memory_gib:g} GiB in the catalog; lower the size or set instanceType"
         )
-    best = min(fits, key=lambda p: (p.usd_per_hour, p.vcpu, p.memory_gib, p.instance_type))
+    best = min(fits, key=_price_order)
     return VmPlan(vm.name, best.instance_type, best.vcpu, best.memory_gib, vm.disk_gib)
+
+
+def _cheapest(catalog: Catalog, cloud: str, region: str) -> str:
+    """The catalog's cheapest instance type in (cloud, region): enough for a bastion, which only
+    forwards SSH (the region is known to be in the catalog)."""
+    priced = [p for (c, r, _), p in catalog.prices.items() if (c, r) == (cloud, region)]
+    return min(priced, key=_price_order).instance_type
+
+
+def _price_order(p: Price) -> tuple[float, int, float, str]:
+    """Cheapest first; ties to the smaller, then by name (the same plan on every run)."""
+    return (p.usd_per_hour, p.vcpu, p.memory_gib, p.instance_type)

@@ -26,6 +26,9 @@ class VM:
     # Local stack only: the emulated VM's disk and its SuperNode's runtime port.
     home: str | None = None
     port: int | None = None
+    # Cloud sites: "user@address" of the site's SSH bastion, through which the controller
+    # reaches the private address (None: directly, or through the stack file's ssh.jumpHost).
+    jump_host: str | None = None
 
     @property
     def address(self) -> str:

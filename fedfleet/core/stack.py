@@ -8,8 +8,8 @@ Schema (keys under `config:`, project `fedfleet`; see Pulumi.yaml for every key)
 
     fedfleet:aggregator     {cloud, region, instanceType, port}; the first three are
                             written by `fedfleet plan`
-    fedfleet:participants   [{name, cloud, region, location, dataPath, vms: [{name,
-                              vcpu, memoryGib, diskGib, port}]}]
+    fedfleet:participants   [{name, cloud, region, location, dataPath, cidr, bastion,
+                              vms: [{name, vcpu, memoryGib, diskGib, port}]}]
     fedfleet:data           {demo: {partition, alpha, seed}}   (omit demo for real data)
     fedfleet:app            the Flower app's run config (fl/fedfleet_app/settings.py)
     fedfleet:placement      the user's limits for `fedfleet plan`
@@ -147,6 +147,10 @@ class Participant:
     vms: tuple[VMSpec, ...]
     cidr: str | None = None  # cloud stacks: the site's private network
     egress_cidr: str | None = None  # own hosts: the public addresses they reach a cloud aggregator from
+    # Cloud sites: an SSH bastion, the controller's way to the VMs' private addresses (False:
+    # the operator reaches them another way, a VPN or an ssh.jumpHost of their own; always
+    # False where fedfleet creates no site: the local stack, VMs given by address).
+    bastion: bool = True
 
     @property
     def existing(self) -> bool:
@@ -533,7 +537,9 @@ def _participants(r: _Reader, *, local: bool, ssh: SSHSettings | None) -> tuple[
     participants: list[Participant] = []
     seen_vms: dict[str, str] = {}
     for item in items:
-        item.only(("name", "cloud", "region", "location", "dataPath", "cidr", "egressCidr", "ssh", "vms"))
+        item.only(
+            ("name", "cloud", "region", "location", "dataPath", "cidr", "egressCidr", "bastion", "ssh", "vms")
+        )
         name = _name(item)
         if any(p.name == name for p in participants):
             raise item.child("name").fail(f"participant name {name!r} is used twice")
@@ -547,6 +553,7 @@ def _participants(r: _Reader, *, local: bool, ssh: SSHSettings | None) -> tuple[
         existing = bool(own)
         if local and "ssh" in item.value:
             raise item.child("ssh").fail("the local stack emulates its hosts; remove it")
+        bastion = _bastion(item, local=local, existing=existing)
         site_ssh = _ssh(item.child("ssh"), ssh) if ssh is not None and "ssh" in item.value else ssh
         if existing:
             cloud = item.choice("cloud", (*CLOUDS, ONPREM), ONPREM)
@@ -604,6 +611,7 @@ def _participants(r: _Reader, *, local: bool, ssh: SSHSettings | None) -> tuple[
                 vms=tuple(vms),
                 cidr=_cidr(item, "cidr") if "cidr" in item.value and not existing else None,
                 egress_cidr=_cidr(item, "egressCidr") if "egressCidr" in item.value else None,
+                bastion=bastion,
             )
         )
         if existing and "cidr" in item.value:
@@ -612,6 +620,22 @@ def _participants(r: _Reader, *, local: bool, ssh: SSHSettings | None) -> tuple[
                 "given by address: remove it (egressCidr says where they connect from)"
             )
     return tuple(participants)
+
+
+def _bastion(item: _Reader, *, local: bool, existing: bool) -> bool:
+    """Whether `fedfleet up` gives the participant's cloud site an SSH bastion (default: yes)."""
+    node = item.child("bastion", True)
+    if "bastion" in item.value and local:
+        raise node.fail("the local stack emulates its hosts on this machine; remove it")
+    if "bastion" in item.value and existing:
+        raise node.fail(
+            "is the SSH gateway `fedfleet up` creates in a cloud site; this participant's VMs are "
+            "given by address, so fedfleet creates nothing for it: remove it (ssh.jumpHost names "
+            "a gateway of its own)"
+        )
+    if not isinstance(node.value, bool):
+        raise node.fail(f"must be true or false (got {node.value!r})")
+    return node.value and not (local or existing)
 
 
 def _check_existing(r: _Reader, aggregator: Aggregator, participants: Sequence[Participant]) -> None:

@@ -49,8 +49,12 @@ class Hosts(Mapping[str, Host]):
             host.close()
 
 
-def endpoint(stack: StackConfig, paths: StackPaths, name: str, label: str, address: str) -> Endpoint:
-    """How the controller reaches host `name` of a stack of real hosts."""
+def endpoint(
+    stack: StackConfig, paths: StackPaths, name: str, label: str, address: str, jump_host: str | None = None
+) -> Endpoint:
+    """How the controller reaches host `name` of a stack of real hosts. `jump_host` is the
+    inventory's ("user@address" of a cloud site's bastion); an ssh.jumpHost in the stack
+    file wins over it."""
     spec = stack.host(name).ssh
     key = None if spec.key_file is None else Path(spec.key_file).expanduser()
     if key is not None and not key.is_absolute():
@@ -67,8 +71,9 @@ def endpoint(stack: StackConfig, paths: StackPaths, name: str, label: str, addre
         host_key=spec.host_key,
         trust_command=f"fedfleet trust {name} --stack {stack.name}",
     )
-    if spec.jump_host:
-        ep = replace(ep, jump=parse_jump(spec.jump_host, ep))
+    jump = spec.jump_host or jump_host
+    if jump:
+        ep = replace(ep, jump=parse_jump(jump, ep))
     return ep
 
 
@@ -92,7 +97,8 @@ def for_stack(stack: StackConfig, inventory: Inventory, paths: StackPaths, procs
     addresses = {"aggregator": inventory.aggregator.admin_address} | {
         vm.name: vm.address for vm in inventory.vms()
     }
+    jumps = {vm.name: vm.jump_host for vm in inventory.vms()}
     for name, address in addresses.items():
-        ep = endpoint(stack, paths, name, labels[name], address)
+        ep = endpoint(stack, paths, name, labels[name], address, jumps.get(name))
         hosts[name] = SSHHost(name, labels[name], ep, stack.host(name), procs, logs)
     return Hosts(hosts)

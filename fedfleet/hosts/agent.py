@@ -26,8 +26,8 @@ import sys
 import xmlrpc.client
 
 RUNNING_STATES = ("RUNNING", "STARTING", "BACKOFF")
-READ_LIMIT = 4 * 2**20
-IDLE_SECONDS = 30.0  # without a request for this long the agent exits (the controller pings)  # bytes per read: a caller reads on from where it got to
+READ_LIMIT = 4 * 2**20  # bytes per read: a caller reads on from where it got to
+IDLE_SECONDS = 30.0  # without a request for this long the agent exits (the controller pings)
 # systemd's ActiveState, in supervisord's words (what the runner reads).
 SYSTEMD_STATES = {
     "active": "RUNNING",
