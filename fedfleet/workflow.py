@@ -27,6 +27,7 @@ import contextlib
 import datetime as dt
 import json
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -359,7 +360,7 @@ def _stop(launcher: configure.Configurer, f: fleet.Fleet, record: RunRecord) -> 
     try:
         play = ansible.apply(
             ansible.STOP, launcher.inventory_for(f.serving.values()), limit=",".join(["aggregator", *f.used]),
-            envvars=launcher.envvars, check=False,
+            envvars=launcher.envvars, check=False, cancellable=False,
         )  # fmt: skip
     except FedfleetError as err:
         record.stop_error = str(err)  # the process group stops what is left on local hosts
@@ -445,8 +446,10 @@ def destroy(t: provision.Target, echo: Callable[[str], None]) -> None:
 
 
 def trust(project_dir: Path, stack_name: str, names: list[str]) -> list[dict[str, Any]]:
-    """Accept the current SSH host keys of `names`: forget the recorded ones and record what
-    each host presents now (after the operator checked that it was rebuilt)."""
+    """Accept the current SSH host keys of `names` (after the operator checked that each host
+    was rebuilt): log in once, recording the key the host presents in a file of its own, and
+    only when that worked replace the recorded key with it. A host that cannot be reached
+    keeps its old key; a key pinned in the stack file is changed there, not here."""
     from fedfleet.adapters import ssh
 
     stack = load_stack(project_dir, stack_name)
@@ -467,11 +470,34 @@ def trust(project_dir: Path, stack_name: str, names: list[str]) -> list[dict[str
             vm = None if name == "aggregator" else inventory.vm(name)
             label = "aggregator" if vm is None else f"{name} ({vm.participant})"
             ep = endpoint(stack, paths, name, label, known[name], None if vm is None else vm.jump_host)
-            forgot = ssh.forget_host_key(ep)
-            host = for_stack(stack, inventory, paths, procs)[name]
-            why = host.connect()
-            host.close()
+            if ep.host_key is not None:
+                raise ConfigError(
+                    f"{stack.path}: the SSH host key of {name} is pinned in the stack file (ssh.hostKey): "
+                    "if the host was rebuilt, put its new key there"
+                )
+            with tempfile.TemporaryDirectory(prefix="fedfleet-trust-") as tmp:
+                fresh = replace(ep, known_hosts=Path(tmp) / "known_hosts")  # its jump: the stack's file
+                master = ssh.Master(fresh, procs, paths.root / "ssh" / f"{name}.trust.log")
+                try:
+                    master.open()
+                    why = None
+                except ssh.SSHFailed as err:
+                    why = str(err)
+                finally:
+                    master.close()
+                keys = ssh.recorded(fresh) if why is None else []
+                forgot = False
+                if keys:
+                    forgot = ssh.forget_host_key(ep)
+                    ep.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+                    with ep.known_hosts.open("a") as fh:
+                        fh.writelines(line + "\n" for line in keys)
             out.append(
-                {"host": name, "forgot_old_key": forgot, "fingerprint": ssh.fingerprint(ep), "error": why}
+                {
+                    "host": name,
+                    "forgot_old_key": forgot,
+                    "fingerprint": ssh.fingerprint(ep) if keys else None,
+                    "error": why,
+                }
             )
     return out

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from fedfleet.adapters.ansible import PLAYBOOKS
+from fedfleet.core.stack import Operator, SSHSettings
+from fedfleet.workflow import SERVER_RUNS
 
 ROLES = sorted(p for p in (PLAYBOOKS / "roles").iterdir() if p.is_dir())
 
@@ -44,3 +50,230 @@ def test_ansible_lint_production_profile_is_clean():
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- The service account under systemd (flower_common) ----------------------------------
+
+COMMON = PLAYBOOKS / "roles" / "flower_common"
+HOME_VAR = "flower_common_home"
+
+
+def _tasks(path: Path) -> list[dict]:
+    """Every task of a task file, blocks flattened."""
+    out: list[dict] = []
+    for task in yaml.safe_load(path.read_text()) or []:
+        for key in ("block", "rescue", "always"):
+            out += task.get(key, [])
+        if not any(key in task for key in ("block", "rescue", "always")):
+            out.append(task)
+    return out
+
+
+def _task(path: Path, name: str) -> dict:
+    return next(t for t in _tasks(path) if t["name"] == name)
+
+
+def _module(task: dict) -> str:
+    return next(key for key in task if key.startswith("ansible."))
+
+
+def test_the_service_account_is_not_the_default_ssh_user():
+    """Under systemd the role makes flower_common_user a nologin system account homed in
+    flower_common_home: the user fedfleet logs in as must be another one."""
+    defaults = yaml.safe_load((COMMON / "defaults" / "main.yml").read_text())
+    specs = yaml.safe_load((COMMON / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"][
+        "options"
+    ]
+    logins = {SSHSettings.user, Operator.admin_user}
+    for name in ("flower_common_user", "flower_common_group"):
+        assert defaults[name] not in logins, f"{name} defaults to the SSH login user {defaults[name]!r}"
+        assert specs[name]["default"] == defaults[name], f"{name}: argument_specs and defaults differ"
+        assert f"| `{name}` | `{defaults[name]}` |" in (COMMON / "README.md").read_text()
+
+
+def test_the_preflight_refuses_the_login_user_as_service_account_before_anything_changes():
+    main = [t["name"] for t in _tasks(COMMON / "tasks" / "main.yml")]
+    assert main[0] == "Check the shared inputs before changing anything"
+    check = _task(
+        COMMON / "tasks" / "preflight.yml",
+        "Check that the service account is not the user Ansible logs in as",
+    )
+    assert check["ansible.builtin.assert"]["that"] == ["flower_common_user != _flower_common_login_user"]
+    assert "flower_common_create_user" in check["when"]
+    message = check["ansible.builtin.assert"]["fail_msg"]
+    assert "flower_common_user" in message and "ansible_user" in message
+    login = yaml.safe_load((COMMON / "vars" / "main.yml").read_text())["_flower_common_login_user"]
+    assert "ansible_user" in login and "ansible_ssh_user" in login and "DEFAULT_REMOTE_USER" in login
+
+
+def _run_preflight(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    playbook = Path(sys.executable).with_name("ansible-playbook")
+    if not playbook.exists():
+        pytest.skip("ansible-playbook is not installed in this environment (make setup installs it)")
+    (tmp_path / "inventory.ini").write_text(
+        f"host ansible_connection=local ansible_user={SSHSettings.user} ansible_python_interpreter={sys.executable}\n"
+    )
+    (tmp_path / "play.yml").write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "Preflight",
+                    "hosts": "host",
+                    "gather_facts": False,
+                    "tasks": [
+                        {
+                            "name": "Run the shared preflight",
+                            "ansible.builtin.include_role": {
+                                "name": "flower_common",
+                                "tasks_from": "preflight",
+                            },
+                        }
+                    ],
+                }
+            ]
+        )
+    )
+    variables = {
+        "flower_common_service_manager": "systemd",
+        "flower_common_become": False,  # no sudo here; the read's become is checked on its own
+        "flower_common_venv": str(tmp_path / "home" / "venv"),
+        "flower_common_install_min_free_mib": 0,
+    }
+    return subprocess.run(
+        [str(playbook), "-i", "inventory.ini", "play.yml", "-e", json.dumps(variables), *extra],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "PATH": f"{playbook.parent}:/usr/bin:/bin",
+            "HOME": str(Path.home()),
+            "ANSIBLE_ROLES_PATH": str(PLAYBOOKS / "roles"),
+            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"),
+            "ANSIBLE_NOCOLOR": "1",
+        },
+        check=False,
+    )
+
+
+def test_the_preflight_passes_with_the_default_service_account(tmp_path: Path):
+    done = _run_preflight(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_preflight_fails_when_the_service_account_is_the_login_user(tmp_path: Path):
+    done = _run_preflight(tmp_path, "-e", f"flower_common_user={SSHSettings.user}")
+    assert done.returncode != 0
+    assert f"flower_common_user ({SSHSettings.user}) is the user Ansible logs in as" in done.stdout
+    assert "Check that the service account is not the user Ansible logs in as" in done.stdout
+
+
+# --- Reads inside the home (0700, the service account's under systemd) --------------------
+
+READ_TASK = "Read the host's Python version and the free disk for the install"
+
+
+def test_the_preflight_read_of_python_and_disk_runs_with_become():
+    task = _task(COMMON / "tasks" / "preflight.yml", READ_TASK)
+    assert task["become"] == "{{ flower_common_become }}"
+
+
+def test_the_preflight_read_answers_for_a_home_the_user_cannot_search(tmp_path: Path):
+    """Path.is_dir() raises PermissionError up to Python 3.12; the read must answer instead."""
+    argv = _task(COMMON / "tasks" / "preflight.yml", READ_TASK)["ansible.builtin.command"]["argv"]
+    assert argv[1] == "-c"
+    home = tmp_path / "home"
+    (home / "venv").mkdir(parents=True)
+    home.chmod(0o700)
+    if os.geteuid() == 0:
+        # root searches everything: read as nobody, with the system's Python (not under /root).
+        python = Path("/usr/bin/python3")
+        if not python.exists():
+            pytest.skip("no /usr/bin/python3 to run as an unprivileged user")
+        as_user: dict[str, Any] = {"user": 65534, "group": 65534, "extra_groups": []}
+    else:
+        python = Path(sys.executable)
+        home.chmod(0o000)
+        as_user = {}
+    try:
+        done = subprocess.run(
+            [str(python), "-c", argv[2], str(home / "venv" / "lib")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd="/",
+            **as_user,
+        )
+    finally:
+        home.chmod(0o700)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["tag"].startswith("cp3") and found["free_mib"] >= 0 and "error" not in found
+    assert (home / "venv").is_relative_to(found["path"]) and os.path.isdir(found["path"])
+
+
+def _home_vars() -> set[str]:
+    """Variables (any role's defaults or vars) naming a path in the fedfleet home."""
+    values: dict[str, str] = {}
+    for role in ROLES:
+        for part in ("defaults", "vars"):
+            for name, value in (yaml.safe_load((role / part / "main.yml").read_text()) or {}).items():
+                values[name] = yaml.safe_dump(value)
+    found = {HOME_VAR} | {n for n, v in values.items() if "/opt/fedfleet" in v}
+    while True:
+        more = {n for n, v in values.items() if any(re.search(rf"\b{f}\b", v) for f in found)} - found
+        if not more:
+            return found
+        found |= more
+
+
+def test_every_task_that_touches_the_home_on_the_host_uses_become():
+    """Under systemd the home is 0700 and the service account's, and Ansible logs in as another
+    user: a task that reads or writes there without sudo fails. Exempt: the supervisor's own
+    files (that path runs as the home's owner), network namespaces (supervisor only) and
+    tasks run on the controller."""
+    names = _home_vars()
+    local = (
+        "ansible.builtin.assert",
+        "ansible.builtin.debug",
+        "ansible.builtin.meta",
+        "ansible.builtin.set_fact",
+    )
+    missing = []
+    for role in ROLES:
+        for path in sorted([*(role / "tasks").glob("*.yml"), *(role / "handlers").glob("*.yml")]):
+            for task in _tasks(path):
+                module = _module(task)
+                if module in local or "include" in module or "import" in module:
+                    continue
+                args = yaml.safe_dump(task[module])
+                when = yaml.safe_dump(task.get("when", ""))
+                if (
+                    task.get("delegate_to") == "localhost"
+                    or "_flower_common_supervisor" in args
+                    or "'supervisor'" in when
+                    or "flower_common_netns | length > 0" in when
+                ):
+                    continue
+                touches_home = any(re.search(rf"\b{n}\b", args) for n in names)
+                if touches_home and task.get("become") != "{{ flower_common_become }}":
+                    missing.append(f"{path.relative_to(PLAYBOOKS)}: {task['name']}")
+    assert not missing, "tasks inside the home without become: " + ", ".join(missing)
+
+
+# --- The SuperLink's run outputs (flower_superlink) ----------------------------------------
+
+
+def test_the_superlink_creates_the_runs_directory_for_the_service_account():
+    """The ServerApp (the service account under systemd) writes under <home>/runs/<run-id>."""
+    meta = yaml.safe_load((PLAYBOOKS / "roles" / "flower_superlink" / "meta" / "main.yml").read_text())
+    common = next(d for d in meta["dependencies"] if d["role"] == "flower_common")
+    assert f"{{{{ {HOME_VAR} }}}}/{SERVER_RUNS}" in common["vars"]["flower_common_role_dirs"]
+    create = _task(COMMON / "tasks" / "directories.yml", "Create the directories this host needs")
+    assert "flower_common_role_dirs" in create["loop"]
+    assert (
+        create["ansible.builtin.file"]["owner"]
+        == "{{ flower_common_user if flower_common_create_user else omit }}"
+    )
+    assert create["become"] == "{{ flower_common_become }}"

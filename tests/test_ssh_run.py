@@ -341,6 +341,22 @@ def test_bad_hosts_are_named_and_a_cut_link_is_replaced(lab: Lab, project: Path)
     assert 0 <= detected < 10 and online < 60
     rounds = {r["round"]: r for r in summary["rounds"]}
     assert rounds[2]["metrics"]["accuracy"] > rounds[0]["metrics"]["accuracy"]
+    # `fedfleet trust`: eu-vm-0's new key is accepted once it answers; a host that does not
+    # answer keeps the key recorded for it.
+    ghost = f"{lab.ghost} {fake}"
+    with known.open("a") as fh:
+        fh.write(ghost + "\n")
+    trusted = lab.fedfleet(project, "trust", "eu-vm-0", "us-vm-0", "--stack", "lab-b", "--json")
+    assert trusted.returncode == 0, trusted.stderr
+    eu, us = json.loads(trusted.stdout)
+    real = subprocess.run(
+        ["ssh-keygen", "-lf", str(lab.root / "sshd" / "eu-vm-1" / "host_key.pub")],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()[1]  # fmt: skip
+    assert eu["error"] is None and eu["forgot_old_key"] and real in eu["fingerprint"]
+    assert us["error"] and "cannot be reached" in us["error"] and us["fingerprint"] is None
+    lines = known.read_text().splitlines()
+    assert ghost in lines and f"[{lab.hosts['eu-vm-1']}]:2222 {fake}" not in lines
     # What the run could not stop (the cut VM) is named with the command that does it later.
     assert summary["stop"]["unreachable"] == ["eu-vm-1"]
     stop = lab.fedfleet(project, *summary["stop"]["later"].split()[1:], "--json")

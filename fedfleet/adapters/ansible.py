@@ -93,9 +93,12 @@ def apply(
     envvars: Mapping[str, str] | None = None,
     progress: Progress | None = None,
     check: bool = True,
+    cancellable: bool = True,
 ) -> PlayResult:
     """Run `playbook` from playbooks/ over `inventory`; raise ConfigureFailed naming each failed
-    host (with `check` false, return the problems in the result instead)."""
+    host (with `check` false, return the problems in the result instead). Ctrl-C or SIGTERM
+    cancels the play and raises KeyboardInterrupt; a play that is not `cancellable` (the stop
+    play, run while a command unwinds) finishes regardless."""
     import ansible_runner
 
     progress = progress or _Silent()
@@ -138,7 +141,7 @@ def apply(
     in_main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     for sig in previous:
-        signal.signal(sig, lambda *_: interrupted.set())
+        signal.signal(sig, (lambda *_: interrupted.set()) if cancellable else signal.SIG_IGN)
     private = Path(tempfile.mkdtemp(prefix="fedfleet-ansible-"))
     started = time.monotonic()
     try:
@@ -153,6 +156,8 @@ def apply(
                 "ANSIBLE_CONFIG": str(PLAYBOOKS / "ansible.cfg"),
                 "ANSIBLE_LOCAL_TEMP": str(private / "tmp"),
                 "ANSIBLE_NOCOLOR": "1",
+                # Whatever the operator exports: Ansible's own ssh must check host keys too.
+                "ANSIBLE_HOST_KEY_CHECKING": "True",
                 # ansible-runner starts ansible-playbook by name: this environment's first.
                 "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                 **(envvars or {}),

@@ -6,6 +6,7 @@ lock file) once; hosts get the wheels over SSH and install with `--no-index`.
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
@@ -64,10 +65,15 @@ def archive(cache: Path) -> Path:
 
 def pack(directory: Path, tar: Path, arcname: str = ".") -> Path:
     """`directory` as a tar, written atomically (a reader never sees half an archive)."""
-    tmp = tar.with_name(f".{tar.name}.tmp")
-    with tarfile.open(tmp, "w") as out:
-        out.add(directory, arcname=arcname, filter=_plain)
-    tmp.replace(tar)
+    fd, name = tempfile.mkstemp(prefix=f".{tar.name}.", suffix=".tmp", dir=tar.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with tarfile.open(tmp, "w") as out:
+            out.add(directory, arcname=arcname, filter=_plain)
+        tmp.replace(tar)
+    finally:
+        tmp.unlink(missing_ok=True)
     return tar
 
 

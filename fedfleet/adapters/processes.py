@@ -133,6 +133,7 @@ class ProcessGroup:
         self.claims: list[str] = []
         self.token = secrets.token_hex(8)
         self.lock = threading.RLock()  # hosts connect in threads of their own
+        self.closed = False  # stop_all has begun: nothing new starts (a late reconnect thread)
 
     def __enter__(self) -> ProcessGroup:
         return self
@@ -153,7 +154,9 @@ class ProcessGroup:
         """Start `argv`; higher tiers are stopped first (clients before the server). With
         `pipes`, its stdin and stdout are pipes to this process (its stderr goes to the log)."""
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out:
+        with self.lock, log.open("ab") as out:
+            if self.closed:
+                raise EnvironmentProblem(f"cannot start {name}: the command is stopping what it started")
             try:
                 popen = subprocess.Popen(
                     list(argv),
@@ -169,8 +172,7 @@ class ProcessGroup:
                     f"cannot start {name}: {argv[0]} not found; install the project "
                     "(make setup) and run fedfleet from its environment"
                 ) from err
-        proc = Managed(name, list(argv), log, popen, tier)
-        with self.lock:
+            proc = Managed(name, list(argv), log, popen, tier)
             self.procs.append(proc)
             self._write_pidfile()
         return proc
@@ -194,7 +196,10 @@ class ProcessGroup:
                 self._write_pidfile()
 
     def stop_all(self, timeout: float = 10.0) -> None:
-        """Stop tier by tier, highest first: a SuperNode must see its SuperLink to sign off."""
+        """Stop tier by tier, highest first: a SuperNode must see its SuperLink to sign off.
+        Nothing starts in the group from then on."""
+        with self.lock:
+            self.closed = True
         for tier in sorted({p.tier for p in self.procs}, reverse=True):
             procs = [p for p in self.procs if p.tier == tier]
             terminate(tree(p.pid for p in procs), timeout)

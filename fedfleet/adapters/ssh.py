@@ -12,6 +12,7 @@ host-key checks (ProxyCommand: command-line options do not apply to a ProxyJump 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -88,9 +89,13 @@ def parse_jump(spec: str, like: Endpoint) -> Endpoint:
     )
 
 
-def options(ep: Endpoint, *, control: bool = True) -> list[str]:
-    """The options of every ssh to `ep` (with its master's ControlPath unless `control` is off)."""
+def options(ep: Endpoint, *, control: bool = True, master: bool = False) -> list[str]:
+    """The options of every ssh to `ep`: with its master's ControlPath unless `control` is off,
+    as a client of that master (never a master of its own) unless it is the `master`. The
+    operator's ~/.ssh/config does not apply (-F /dev/null): the stack file says everything,
+    and a ProxyJump or ControlPersist there would bypass the checks below."""
     opts = [
+        "-F", "/dev/null",
         "-o", "BatchMode=yes",
         "-o", "StrictHostKeyChecking=accept-new",
         "-o", f"UserKnownHostsFile={ep.known_hosts}",
@@ -108,6 +113,8 @@ def options(ep: Endpoint, *, control: bool = True) -> list[str]:
         opts += ["-o", "IdentitiesOnly=yes", "-o", f"IdentityFile={ep.key_file}"]
     if control:
         opts += ["-o", f"ControlPath={ep.control_path}"]
+        if not master:
+            opts += ["-o", "ControlMaster=no"]
     if ep.jump is not None:
         hop = ["ssh", *options(ep.jump, control=False), "-W", "%h:%p", ep.jump.destination]
         opts += ["-o", "ProxyCommand=" + shlex.join(hop)]
@@ -115,24 +122,62 @@ def options(ep: Endpoint, *, control: bool = True) -> list[str]:
 
 
 def pin_host_key(ep: Endpoint) -> None:
-    """Record a host key given in the stack file, so even the first contact is checked."""
+    """Record a host key given in the stack file, so even the first contact is checked; any
+    other key recorded for the host before goes (ssh accepts a key that matches any line)."""
     for hop in (ep, ep.jump):
         if hop is None or hop.host_key is None:
             continue
         hop.known_hosts.parent.mkdir(parents=True, exist_ok=True)
         line = f"{hop.known_name} {hop.host_key}"
         present = hop.known_hosts.read_text().splitlines() if hop.known_hosts.exists() else []
-        if line not in present:
-            with hop.known_hosts.open("a") as fh:
-                fh.write(line + "\n")
+        if line in present and len(recorded(hop)) == 1:
+            continue
+        forget_host_key(hop)
+        with hop.known_hosts.open("a") as fh:
+            fh.write(line + "\n")
+
+
+def recorded(ep: Endpoint) -> list[str]:
+    """The key lines recorded for `ep` (hashed or not), as ssh-keygen -F finds them."""
+    if not ep.known_hosts.exists():
+        return []
+    done = subprocess.run(
+        ["ssh-keygen", "-F", ep.known_name, "-f", str(ep.known_hosts)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return [line for line in done.stdout.splitlines() if line and not line.startswith("#")]
+
+
+def _blames_jump(ep: Endpoint, text: str) -> bool:
+    """Whether ssh's last words are about `ep`'s jump host rather than `ep` itself (the hop's
+    ssh writes to the same stream, naming its own host)."""
+    if ep.jump is None:
+        return False
+    hop = ep.jump
+    for line in reversed(text.splitlines()):
+        names_hop = hop.address in line or hop.known_name in line
+        names_target = ep.address in line or ep.known_name in line
+        if names_hop and not names_target:
+            return True
+        if names_target and not names_hop:
+            return False
+    return False
 
 
 def explain(ep: Endpoint, stderr: str) -> str:
     """What an ssh failure means for `ep`, and the fix."""
     text = stderr.strip()
+    if ep.jump is not None and _blames_jump(ep, text):
+        return f"{ep.label}: its jump host failed: " + explain(ep.jump, stderr)
     last = text.splitlines()[-1] if text else "no message"
     where = f"{ep.label} ({ep.destination}, port {ep.port})"
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or "Host key verification failed" in text:
+        if ep.host_key is not None:
+            return (
+                f"{where}: its SSH host key is not the one the stack file pins (ssh.hostKey). Nothing "
+                "was sent to it. If the host was rebuilt, put its new key there (as `ssh-keyscan -p "
+                f"{ep.port} {ep.address}` prints it, checked against the host's console)"
+            )
         hop = ep.jump
         via = "" if hop is None else f" (or that of its jump host {hop.destination}, port {hop.port})"
         return (
@@ -152,7 +197,8 @@ def explain(ep: Endpoint, stderr: str) -> str:
         return (
             f"{where}: the host refused the login as {ep.user!r} with {key} ({last}). Add the key's "
             f"public half ({key}.pub) to ~{ep.user}/.ssh/authorized_keys on the host, or set ssh.user "
-            "and ssh.keyFile to a login it accepts (fedfleet never asks for passwords)"
+            "and ssh.keyFile to a login it accepts (fedfleet never asks for passwords or passphrases: "
+            "a key with a passphrase must be loaded into ssh-agent first)"
         )
     if "Connection refused" in text:
         return f"{where}: nothing accepts SSH connections there ({last}); start sshd on it or set ssh.port"
@@ -190,12 +236,13 @@ class Master:
     def alive(self) -> bool:
         if self.proc is None or self.proc.exit_code() is not None:
             return False
-        check = subprocess.run(
-            ["ssh", *options(self.ep), "-O", "check", self.ep.destination],
-            capture_output=True,
-            timeout=10,
-            check=False,
-        )
+        try:
+            check = subprocess.run(
+                ["ssh", *options(self.ep), "-O", "check", self.ep.destination],
+                capture_output=True, timeout=10, check=False, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return False
         return check.returncode == 0
 
     def open(self) -> None:
@@ -207,7 +254,7 @@ class Master:
         self.ep.control_path.unlink(missing_ok=True)  # a stale socket of a killed master
         offset = self.log.stat().st_size if self.log.exists() else 0
         argv = [
-            "ssh", "-M", "-N", *options(self.ep), "-o", "ControlMaster=yes", "-o", "ControlPersist=no",
+            "ssh", "-M", "-N", *options(self.ep, master=True), "-o", "ControlMaster=yes", "-o", "ControlPersist=no",
             "-o", "ExitOnForwardFailure=yes", *SERVER_ALIVE, self.ep.destination,
         ]  # fmt: skip
         proc = self.procs.start(f"ssh {self.ep.name}", argv, dict(os.environ), self.log)
@@ -233,28 +280,28 @@ class Master:
             probe.bind(("127.0.0.1", 0))
             local_port = int(probe.getsockname()[1])
         spec = f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}"
-        done = subprocess.run(
-            ["ssh", *options(self.ep), "-O", "forward", "-L", spec, self.ep.destination],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        if done.returncode != 0:
+        try:
+            done = subprocess.run(
+                ["ssh", *options(self.ep), "-O", "forward", "-L", spec, self.ep.destination],
+                capture_output=True, text=True, timeout=30, check=False, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            why = done.stderr.strip() if done.returncode != 0 else ""
+        except subprocess.TimeoutExpired:
+            why = "no answer from the connection within 30 s"
+        if why:
             raise EnvironmentProblem(
                 f"could not forward 127.0.0.1:{local_port} to {self.ep.label}'s port {remote_port} over "
-                f"SSH: {done.stderr.strip()}"
+                f"SSH: {why}"
             )
         return local_port
 
     def close(self) -> None:
         if self.proc is not None:
-            subprocess.run(
-                ["ssh", *options(self.ep), "-O", "exit", self.ep.destination],
-                capture_output=True,
-                timeout=10,
-                check=False,
-            )
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                subprocess.run(
+                    ["ssh", *options(self.ep), "-O", "exit", self.ep.destination],
+                    capture_output=True, timeout=10, check=False, stdin=subprocess.DEVNULL,
+                )  # fmt: skip
             self.procs.stop(self.proc, timeout=5)
             self.proc = None
         self.ep.control_path.unlink(missing_ok=True)

@@ -103,5 +103,8 @@ def main() -> None:
     except click.Abort:
         code = 130
     if code == 130:  # typer turns KeyboardInterrupt into this exit code
-        err_console.print("[yellow]interrupted: every process this run started was stopped[/]")
+        err_console.print(
+            "[yellow]interrupted: what the command started was stopped (a run's summary.json "
+            "names any host it could not reach, with the command that stops it later)[/]"
+        )
     sys.exit(code if isinstance(code, int) else 0)

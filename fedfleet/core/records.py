@@ -177,10 +177,7 @@ class RunRecord:
 
     def fail(self, err: BaseException) -> None:
         if isinstance(err, KeyboardInterrupt):
-            self.status, self.error = (
-                "interrupted",
-                "interrupted (Ctrl-C or SIGTERM); every process was stopped",
-            )
+            self.status, self.error = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
         else:
             self.status = "failed"
             self.error = str(err) if isinstance(err, FedfleetError) else f"{type(err).__name__}: {err}"

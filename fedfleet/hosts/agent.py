@@ -23,6 +23,7 @@ import select
 import socket
 import subprocess
 import sys
+import time
 import xmlrpc.client
 
 RUNNING_STATES = ("RUNNING", "STARTING", "BACKOFF")
@@ -39,13 +40,36 @@ SYSTEMD_STATES = {
 }
 
 
+class _DeadlineSocket(socket.socket):
+    """A socket whose every send and receive ends at one deadline: a per-operation
+    timeout alone lets a supervisor that answers a byte at a time take much longer
+    than the controller waits for the answer."""
+
+    deadline = 0.0
+
+    def _left(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")  # an OSError, as the socket's own
+        self.settimeout(left)
+
+    def sendall(self, *args, **kwargs):
+        self._left()
+        return super().sendall(*args, **kwargs)
+
+    def recv_into(self, *args, **kwargs):
+        self._left()
+        return super().recv_into(*args, **kwargs)
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path, timeout):
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
 
     def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _DeadlineSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.deadline = time.monotonic() + self.timeout
         sock.settimeout(self.timeout)
         sock.connect(self.unix_path)
         self.sock = sock
@@ -63,7 +87,8 @@ class _UnixTransport(xmlrpc.client.Transport):
 
 
 def supervisor_status(socket_path, timeout=3.0):
-    """{"answered", "programs": {name: state}, "pids": {name: pid}} from supervisord."""
+    """{"answered", "programs": {name: state}, "pids": {name: pid}} from supervisord, or
+    not answered when it has not answered within `timeout` seconds in all."""
     proxy = xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=_UnixTransport(socket_path, timeout))
     try:
         infos = proxy.supervisor.getAllProcessInfo()
@@ -114,17 +139,61 @@ def read(path, offset=0, limit=READ_LIMIT):
     return {"size": size, "data": base64.b64encode(data).decode()}
 
 
+def _make_dirs(directory):
+    """Create `directory` and its missing parents; the owner (uid, gid) they should have.
+
+    As root (the agent under sudo on a systemd host) what it creates belongs to the owner
+    of the nearest directory that exists, not to root: the services, which run as their
+    own account, write next to it (the ServerApp writes its models beside fleet.json).
+    Otherwise the owner is whoever runs the agent (None: nothing to change)."""
+    missing = []
+    existing = os.path.abspath(directory)
+    while not os.path.isdir(existing):
+        missing.append(existing)
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    owner = None
+    if os.geteuid() == 0:
+        found = os.stat(existing)
+        owner = (found.st_uid, found.st_gid)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise
+            continue  # made meanwhile by someone else: theirs
+        if owner is not None:
+            os.chown(path, owner[0], owner[1], follow_symlinks=False)
+    return owner
+
+
 def write(path, data, mode=0o644):
-    """Write base64 `data` to `path` atomically (a sibling temporary file, then rename)."""
+    """Write base64 `data` to `path` atomically (a sibling temporary file, then rename),
+    with the owner of its directory when the agent runs as root (see `_make_dirs`)."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
+    owner = _make_dirs(directory)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(base64.b64decode(data))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # A fresh file, never one already there: as root, following a link another account
+    # planted at this predictable name would write wherever it points.
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if owner is not None:
+                os.fchown(fh.fileno(), owner[0], owner[1])
+            fh.write(base64.b64decode(data))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
     return {}
 
 
@@ -162,11 +231,36 @@ def answer(request):
     return reply
 
 
-def serve(stdin=sys.stdin, stdout=sys.stdout, idle=IDLE_SECONDS):
+def requests(fd, idle=IDLE_SECONDS):
+    """The request lines arriving on file descriptor `fd`, each as soon as it is complete;
+    ends when the input closes or nothing has come for `idle` seconds.
+
+    Read from the descriptor itself, never through a buffered file: `select` sees only
+    what is still in the pipe, so a second request that a buffered readline had already
+    pulled in with the first would wait for a third (or for the idle exit)."""
+    pending = b""
+    while True:
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            if line.strip():
+                yield line
+        ready, _, _ = select.select([fd], [], [], idle)
+        if not ready:
+            return  # the controller went quiet
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return  # the session ended
+        pending += chunk
+
+
+def serve(stdin=None, stdout=None, idle=IDLE_SECONDS):
     """Answer requests until stdin closes (the SSH session ended) or nothing has come for
     `idle` seconds: the controller pings every few seconds, so silence means it is gone
     (its connection may be half-open: a cut link, a killed controller) and the agent
-    leaves nothing behind on the host."""
+    leaves nothing behind on the host. The session boots the agent reading its source
+    unbuffered (`hosts.ssh.BOOT`), so no request can be stuck in a buffer of sys.stdin."""
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
     hello = {
         "id": 0,
         "ok": True,
@@ -177,18 +271,12 @@ def serve(stdin=sys.stdin, stdout=sys.stdout, idle=IDLE_SECONDS):
     }
     stdout.write(json.dumps(hello) + "\n")
     stdout.flush()
-    while True:
-        ready, _, _ = select.select([stdin], [], [], idle)
-        if not ready:
-            return  # the controller went quiet
-        line = stdin.readline()
-        if not line:
-            return  # the session ended
-        if not line.strip():
-            continue
+    for line in requests(stdin.fileno(), idle):
         try:
             request = json.loads(line)
         except ValueError:
+            request = {"op": ""}
+        if not isinstance(request, dict):
             request = {"op": ""}
         stdout.write(json.dumps(answer(request)) + "\n")
         stdout.flush()

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 RUNNING_STATES = frozenset({"RUNNING", "STARTING", "BACKOFF"})
+NO_FILE = -1  # the size `Host.read` gives for a file the host does not have
+NO_ANSWER = -2  # ...and when the host did not answer (a real host, over its connection)
 SUPERLINK = "flower-superlink"
 SUPERNODE = "flower-supernode"
 WORKER = "fedfleet-worker"
@@ -64,7 +66,8 @@ class Host(Protocol):
 
     def read(self, path: str, offset: int = 0, limit: int | None = None) -> tuple[bytes, int]:
         """Up to `limit` bytes of a file on the host from `offset` (from 0 when the file is
-        now shorter: it was rotated), and the file's size (-1: no such file or no answer)."""
+        now shorter: it was rotated), and the file's size (NO_FILE: no such file; NO_ANSWER: the
+        host did not answer)."""
         ...
 
     def write(self, path: str, data: bytes) -> None:

@@ -8,14 +8,17 @@ The probe gives each participant its usable VMs in rotation order. Here:
   SuperNode fails to start or to connect is stopped, marked with the reason, and the
   participant's next VM is tried; a participant left with no VM stops the run before
   training.
-- `check`, about once a second, asks every host what runs (the host's supervisor or
-  systemd: on a local host through its socket, on an SSH host through the agent on its
-  one connection). A dead aggregator fails the run. A dead SuperNode, or a VM that does
-  not answer (its link cut, or it is gone), is *lost*: its node ID goes to the ServerApp
+- `check`, about once a second, asks every host at once what runs (the host's
+  supervisor or systemd: on a local host through its socket, on an SSH host through the
+  agent on its one connection). A dead aggregator fails the run. A dead SuperNode, or a
+  VM that has not answered for `LOST_AFTER` seconds (its link cut, or it is gone; one
+  slow answer is not enough), is *lost*: its node ID goes to the ServerApp
   (`fleet.json` on the aggregator: the ServerApp stops waiting for its replies and
   waits, bounded, for the replacement when it samples the next round), and a
   replacement starts on the participant's next VM while the run goes on. Flower alone
-  would notice only when the node's heartbeat expires (up to 60 s).
+  would notice only when the node's heartbeat expires (up to 60 s). When no host at all
+  answers, the problem is this machine's own connection, not the hosts: nothing is
+  failed over, and the run fails only if that lasts `OUTAGE_LIMIT` seconds.
 
 Nothing here knows which kind of host it talks to.
 """
@@ -26,17 +29,21 @@ import json
 import re
 import time
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from fedfleet.core.errors import RunFailed
+from fedfleet.core.errors import FedfleetError, RunFailed
 from fedfleet.core.selection import NoUsableVM
-from fedfleet.hosts.base import SUPERLINK, SUPERNODE, Host, ServiceStatus, log_path, tail_lines
+from fedfleet.hosts.base import NO_ANSWER, SUPERLINK, SUPERNODE, Host, ServiceStatus, log_path, tail_lines
 
 FLEET_FILE = "fleet.json"  # the ServerApp reads it (fedfleet_app.server_app.FLEET_FILE)
 NODE_ID = re.compile(rb"SuperNode ID: (\d+)")
 CONNECT_POLL = 0.2
-MISSES = 2  # answers in a row a host may miss before it counts as lost (one slow answer is not)
+MISSES = 2  # a host is lost after at least this many unanswered checks in a row...
+LOST_AFTER = 4.0  # ...spanning at least this many seconds without an answer
+OUTAGE_LIMIT = 60.0  # seconds no host at all may be silent (this machine's link) before the run fails
+STATUS_TIMEOUT = 1.0  # seconds a participant VM has to answer one check (the aggregator: 3)
 LOG_TAIL_BYTES = 16_384
 
 # Flower's exit codes, as printed in the process log ("Exit Code: 305").
@@ -107,27 +114,52 @@ class Roster:
 
 
 @dataclass
+class Silence:
+    """How long a host has not answered (one slow answer is not a lost host)."""
+
+    misses: int = 0  # checks in a row it did not answer
+    since: float = 0.0  # time.monotonic() of the first of them
+
+    def heard(self, status: ServiceStatus, now: float) -> bool:
+        """Record one check; whether the host now counts as gone."""
+        if status.reachable:
+            self.misses = 0
+            return False
+        if self.misses == 0:
+            self.since = now
+        self.misses += 1
+        return self.misses >= MISSES and now - self.since >= LOST_AFTER
+
+
+@dataclass
 class Node:
     """What the watch knows of the SuperNode on one VM."""
 
     node_id: int | None = None
     pid: int = 0  # of the SuperNode that connected (0: unknown)
-    misses: int = 0  # answers in a row the VM did not give
+    silence: Silence = field(default_factory=Silence)
 
 
 class Notice:
-    """What the ServerApp reads on the aggregator: lost node IDs, participants still expected."""
+    """What the ServerApp reads on the aggregator: lost node IDs, participants still expected.
+    A write that fails (the aggregator slow to answer) is sent again at the next check."""
 
     def __init__(self, host: Host, path: str, expected: int) -> None:
         self.host = host
         self.path = path
         self.lost: list[int] = []
         self.expected = expected
+        self.pending = False
 
     def send(self) -> None:
-        self.host.write(
-            self.path, (json.dumps({"lost": self.lost, "expected": self.expected}) + "\n").encode()
-        )
+        try:
+            self.host.write(
+                self.path, (json.dumps({"lost": self.lost, "expected": self.expected}) + "\n").encode()
+            )
+        except FedfleetError:
+            self.pending = True
+        else:
+            self.pending = False
 
 
 @dataclass(frozen=True)
@@ -156,7 +188,8 @@ class Fleet:
         self.nodes: dict[str, Node] = {}
         self.failovers: list[Failover] = []
         self.notice: Notice | None = None  # once the run has a ServerApp to tell
-        self.aggregator_misses = 0
+        self.aggregator_silence = Silence()
+        self.outage_since: float | None = None  # no host answers: this machine's connection
 
     @property
     def serving(self) -> dict[str, str]:
@@ -220,39 +253,68 @@ class Fleet:
         return log_path(self.hosts[vm].home, SUPERNODE)
 
     def _log_size(self, vm: str) -> int:
-        return max(0, self.hosts[vm].read(self._log(vm), 0, limit=0)[1])
+        """The SuperNode log's size now (0: no log yet). A host that does not say is asked
+        again; if it never does, 0: a node ID from an earlier start may then be read, which
+        is the same node's (its ID comes with its registered key) but no proof that it has
+        connected yet; the ServerApp's sampling still waits for it."""
+        for _ in range(3):
+            size = self.hosts[vm].read(self._log(vm), 0, limit=0)[1]
+            if size != NO_ANSWER:
+                return max(0, size)
+        return 0
 
     def _pid(self, vm: str) -> int:
-        return self.hosts[vm].status().pids.get(SUPERNODE, 0)
+        return self.hosts[vm].status(timeout=3.0).pids.get(SUPERNODE, 0)
 
-    def _node_id(self, vm: str, offset: int) -> int | None:
-        """The node ID the SuperNode logged after `offset` (it logs it once connected)."""
-        data, _ = self.hosts[vm].read(self._log(vm), offset)
-        found = NODE_ID.findall(data)
-        return int(found[-1]) if found else None
+    def _node_id(self, vm: str, offset: int) -> tuple[int | None, int]:
+        """The last node ID the SuperNode logged after `offset` (it logs one once connected),
+        and how far the log was read."""
+        found: int | None = None
+        while True:
+            data, size = self.hosts[vm].read(self._log(vm), offset)
+            if size < 0 or not data:
+                return found, offset
+            ids = NODE_ID.findall(data)
+            if ids:
+                found = int(ids[-1])
+            # Read on from the last complete line (a line cut by a read is read again whole).
+            cut = data.rfind(b"\n") + 1
+            if not cut:
+                return found, offset
+            offset += cut
+            if offset >= size:
+                return found, offset
 
     def _await_connection(self, before: dict[str, tuple[int, int]]) -> dict[str, str]:
         """Wait until each VM's SuperNode logs its node ID; the VMs that did not, with why."""
         deadline = time.monotonic() + self.rules.connect_timeout
-        waiting = dict(before)  # vm -> (log size, SuperNode pid) before the play
+        # vm -> where to look for the node ID: after the log's end before the play, or from
+        # the start when the play left a SuperNode that already ran (and connected before).
+        offsets: dict[str, int] = {}
+        for vm, (end, pid_before) in before.items():
+            pid = self._pid(vm)
+            offsets[vm] = 0 if pid and pid == pid_before else end
         errors: dict[str, str] = {}
-        while waiting:
-            for vm, (end, pid_before) in list(waiting.items()):
-                status = self.hosts[vm].status()
-                pid = status.pids.get(SUPERNODE, 0)
-                node_id = self._node_id(vm, 0 if pid and pid == pid_before else end)
+        silence = {vm: Silence() for vm in before}
+        while offsets:
+            for vm in list(offsets):
+                status = self.hosts[vm].status(timeout=STATUS_TIMEOUT)
+                node_id, offsets[vm] = self._node_id(vm, offsets[vm])
                 if node_id is not None:
-                    self.nodes[vm] = Node(node_id, pid)
-                    del waiting[vm]
+                    self.nodes[vm] = Node(node_id, status.pids.get(SUPERNODE, 0) or self._pid(vm))
+                    del offsets[vm]
                     continue
-                why = status.down(SUPERNODE)
-                if why is not None:  # it stopped, or its host (or link) does not answer
-                    errors[vm] = self._explain(why, vm, SUPERNODE) if status.reachable else why
-                    del waiting[vm]
-            if not waiting:
+                gone = silence[vm].heard(status, time.monotonic())
+                if status.reachable and (why := status.down(SUPERNODE)) is not None:
+                    errors[vm] = self._explain(why, vm, SUPERNODE)  # it stopped
+                    del offsets[vm]
+                elif gone:  # its host (or link) has not answered for a while
+                    errors[vm] = status.problem or f"{self.hosts[vm].label} does not answer"
+                    del offsets[vm]
+            if not offsets:
                 break
             if time.monotonic() >= deadline:
-                for vm in waiting:
+                for vm in offsets:
                     errors[vm] = (
                         f"its SuperNode did not connect to the SuperLink within "
                         f"{self.rules.connect_timeout:.0f} s "
@@ -284,27 +346,53 @@ class Fleet:
         self.notice.send()
 
     def check(self) -> None:
-        """Raise RunFailed if the aggregator is down; replace any SuperNode that is."""
-        agg = self.hosts["aggregator"].status(timeout=3.0)
-        self.aggregator_misses = 0 if agg.reachable else self.aggregator_misses + 1
-        if agg.reachable or self.aggregator_misses >= MISSES:
+        """Raise RunFailed if the aggregator is down; replace any SuperNode that is lost.
+        Every host is asked at once (one slow host does not delay the others' verdict)."""
+        if self.notice is not None and self.notice.pending:
+            self.notice.send()
+        serving = dict(self.roster.serving)
+        names = ["aggregator", *serving.values()]
+        timeouts = {name: 3.0 if name == "aggregator" else STATUS_TIMEOUT for name in names}
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            statuses = dict(
+                zip(names, pool.map(lambda n: self.hosts[n].status(timeout=timeouts[n]), names), strict=True)
+            )
+        now = time.monotonic()
+        if not any(status.reachable for status in statuses.values()):
+            self._outage(statuses, now)
+            return  # not the hosts' fault: nothing counts as lost meanwhile
+        self.outage_since = None
+        agg = statuses["aggregator"]
+        if self.aggregator_silence.heard(agg, now) or agg.reachable:
             why = agg.down(SUPERLINK)
             if why is not None:
                 raise RunFailed(self._explain(why, "aggregator", SUPERLINK) if agg.reachable else why)
-        for participant, vm in list(self.roster.serving.items()):
-            why = self._lost(vm, self.hosts[vm].status())
+        for participant, vm in serving.items():
+            why = self._lost(vm, statuses[vm], now)
             if why is not None:
                 self.fail_over(participant, vm, why)
 
-    def _lost(self, vm: str, status: ServiceStatus) -> str | None:
+    def _outage(self, statuses: Mapping[str, ServiceStatus], now: float) -> None:
+        """No host answers: this machine's own connection is down (or it is too busy)."""
+        if self.outage_since is None:
+            self.outage_since = now
+            self.say("watch", "no host answers; waiting for this machine's connection to come back")
+        if now - self.outage_since >= OUTAGE_LIMIT:
+            problems = "; ".join(s.problem for s in statuses.values() if s.problem)
+            raise RunFailed(
+                f"no host has answered for {OUTAGE_LIMIT:.0f} s: this machine has lost its connection to "
+                f"all of them ({problems}). Check this machine's network (VPN, the route to the hosts)"
+            )
+
+    def _lost(self, vm: str, status: ServiceStatus, now: float) -> str | None:
         """Why the SuperNode on `vm` is lost, or None (one missed answer is not yet)."""
         node = self.nodes.setdefault(vm, Node())
-        node.misses = 0 if status.reachable else node.misses + 1
-        if 0 < node.misses < MISSES:
-            return None
+        gone = node.silence.heard(status, now)
+        if not status.reachable:
+            return (status.problem or f"{self.hosts[vm].label} does not answer") if gone else None
         why = status.down(SUPERNODE)
         pid = status.pids.get(SUPERNODE, 0)
-        if why is None and node.pid and pid != node.pid:
+        if why is None and node.pid and pid and pid != node.pid:
             # Restarted by its supervisor after a crash: with node authentication the
             # SuperLink refuses its key until the old session expires (about 60 s).
             why = (
