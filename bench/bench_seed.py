@@ -1,4 +1,4 @@
-"""Benchmark: the seed's evaluation of the orchestrator, 20 runs (the test makes 3).
+"""Benchmark: the seed's evaluation of the orchestrator, 20 runs (the test makes 2).
 
     .venv/bin/python bench/bench_seed.py [--runs 20] [--seed 2026] [--json]
 

@@ -10,7 +10,7 @@ Side by side, in the same runs, the baseline the seed compared against: a VM pic
 at random per participant, no probe, no retry. To halve the time both arms start in
 the same plays; a VM both arms picked is started once and counts for both.
 
-The test makes 3 runs; `bench/bench_seed.py` makes the seed's 20 (README figures).
+The test makes 2 runs; `bench/bench_seed.py` makes the seed's 20 (README figures).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .conftest import running_processes_mentioning
 
 pytestmark = pytest.mark.e2e
 
-RUNS = 3
+RUNS = 2
 HEALTHY = ("-1", "-5")
 
 
