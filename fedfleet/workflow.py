@@ -296,8 +296,10 @@ class Run:
                 self.observer.stage("stopping", "every process this run started")
                 raise
             finally:
-                self._stop()
-                self._collect()
+                try:
+                    self._stop()
+                finally:  # the results and logs come back even if the stop was cut short
+                    self._collect()
         except BaseException as err:
             self.record.fail(err)
             raise
@@ -357,14 +359,19 @@ class Run:
 def _stop(launcher: configure.Configurer, f: fleet.Fleet, record: RunRecord) -> None:
     """SuperNodes first, then the SuperLink (stop.yml on every host the run used). A host
     that cannot be reached (a lost VM) is named with the command that stops it later."""
+    hosts = ["aggregator", *f.used]
     try:
         play = ansible.apply(
-            ansible.STOP, launcher.inventory_for(f.serving.values()), limit=",".join(["aggregator", *f.used]),
+            ansible.STOP, launcher.inventory_for(f.serving.values()), limit=",".join(hosts),
             envvars=launcher.envvars, check=False, cancellable=False,
         )  # fmt: skip
     except FedfleetError as err:
         record.stop_error = str(err)  # the process group stops what is left on local hosts
         return
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM while stopping
+        record.stop_error = "the stop was cut short by a second Ctrl-C or SIGTERM: services may still run"
+        record.stop = {"later": f"fedfleet stop --stack {record.stack} --limit {','.join(hosts)}"}
+        raise
     record.stop = {"seconds": round(play.seconds, 2)}
     unreachable = sorted({p.host for p in play.problems if p.unreachable})
     failed = [p for p in play.problems if not p.unreachable]
@@ -377,9 +384,14 @@ def _stop(launcher: configure.Configurer, f: fleet.Fleet, record: RunRecord) -> 
 
 def _collect(hosts: Hosts, f: fleet.Fleet, server_out: str, run_dir: Path, record: RunRecord) -> None:
     try:
-        collect.results(hosts["aggregator"], server_out, run_dir)
+        refused = collect.results(hosts["aggregator"], server_out, run_dir)
     except FedfleetError as err:
         record.collect_errors.append(f"aggregator: {err}")
+    else:
+        if refused:
+            record.collect_errors.append(
+                f"aggregator: the run's output held {', '.join(refused)}, which fedfleet writes itself: not copied"
+            )
     record.collect_errors += collect.logs(hosts, ["aggregator", *f.used], run_dir)
 
 

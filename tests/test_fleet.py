@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -83,9 +84,15 @@ class FakeLauncher:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """time.monotonic as the test sets it (checks happen when the test calls them)."""
+    """time.monotonic as the test sets it (checks happen when the test calls them); the
+    fleet's own waits move it on instead of sleeping."""
     now = [1000.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
     monkeypatch.setattr(fleet.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(fleet.time, "sleep", sleep)
     return now
 
 
@@ -210,3 +217,87 @@ def test_a_supernode_already_running_is_found_by_its_last_id_in_a_long_log(clock
     launcher.start = lambda serving, limit: {}  # type: ignore[method-assign]  # the play leaves them as they are
     f.start()
     assert f.nodes["a-1"].node_id == 7001 and f.nodes["b-1"].node_id == 7002
+
+
+def test_after_an_outage_hosts_reconnecting_one_by_one_are_not_lost(clock: list[float]):
+    f, hosts, _, _ = started(clock)
+    hosts["a-1"].silent = True  # missed one check before the outage
+    f.check()
+    for host in hosts.values():
+        host.silent = True
+    for _ in range(20):
+        clock[0] += 1.0
+        f.check()
+    hosts["aggregator"].silent = hosts["b-1"].silent = False  # back first; a-1 takes 10 s more
+    for _ in range(10):
+        clock[0] += 1.0
+        f.check()
+    assert f.failovers == []
+    for host in hosts.values():
+        host.silent = False
+    clock[0] += 1.0
+    f.check()
+    # Once all are back, the usual rule again: a-1 silent for 4 s is lost.
+    hosts["a-1"].silent = True
+    for _ in range(5):
+        clock[0] += 1.0
+        f.check()
+    assert [e.lost_vm for e in f.failovers] == ["a-1"]
+
+
+def test_a_host_still_silent_after_the_grace_is_lost(clock: list[float]):
+    f, hosts, _, _ = started(clock)
+    for host in hosts.values():
+        host.silent = True
+    clock[0] += 1.0
+    f.check()
+    for name in ("aggregator", "b-1", "a-2", "b-2"):  # all back but a-1
+        hosts[name].silent = False
+    for _ in range(int(fleet.RECOVERY_GRACE) + 6):
+        clock[0] += 1.0
+        f.check()
+    assert [e.lost_vm for e in f.failovers] == ["a-1"]
+
+
+def test_time_spent_elsewhere_is_not_a_hosts_silence(clock: list[float]):
+    f, hosts, _, _ = started(clock)
+    hosts["a-1"].silent = True
+    f.check()
+    clock[0] += 20.0  # e.g. a replacement started elsewhere took 20 s
+    f.check()
+    clock[0] += 1.0
+    f.check()
+    assert f.failovers == []  # 1 s of regular checks, not 21 s
+
+
+def test_a_notice_that_cannot_be_written_for_long_fails_the_run(clock: list[float]):
+    f, hosts, _, _ = started(clock)
+    hosts["b-1"].programs[SUPERNODE] = "EXITED"
+    hosts["aggregator"].refuse_writes = 10_000
+    f.check()
+    with pytest.raises(
+        RunFailed, match=r"could not tell the ServerApp which nodes are lost for 30 s: could not write"
+    ):
+        for _ in range(40):
+            clock[0] += 1.0
+            f.check()
+
+
+def test_the_aggregators_output_cannot_replace_what_fedfleet_writes(tmp_path: Path):
+    from fedfleet.hosts.local import LocalHost
+    from fedfleet.stages import collect
+
+    out = tmp_path / "agg" / "runs" / "r1"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "round-1.pt").write_bytes(b"weights")
+    (out / "run_config.toml").write_text("num-server-rounds = 99\n")  # not the run's own
+    (out / "logs").write_text("a file where the logs go")
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run_config.toml").write_text("num-server-rounds = 2\n")
+    host = LocalHost("aggregator", "aggregator", tmp_path / "agg", "127.0.0.1")
+    refused = collect.results(host, str(out), run_dir)
+    assert refused == ["logs", "run_config.toml"]
+    assert (run_dir / "run_config.toml").read_text() == "num-server-rounds = 2\n"
+    assert (run_dir / "models" / "round-1.pt").read_bytes() == b"weights"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["models", "run_config.toml"]

@@ -240,7 +240,7 @@ def test_a_request_sent_right_behind_the_agents_source_is_answered():
 def test_as_root_the_agent_writes_as_the_owner_of_the_directory_above(tmp_path: Path):
     """Under sudo on a systemd host: the service account, which owns its home, must be
     able to write beside fleet.json (the ServerApp's models and events)."""
-    home = tmp_path / "home"
+    home = open_dir() / "home"
     home.mkdir()
     os.chown(home, 65534, 65534)
     target = home / "runs" / "run-1" / "fleet.json"
@@ -254,6 +254,29 @@ def test_as_root_the_agent_writes_as_the_owner_of_the_directory_above(tmp_path: 
     assert stat.S_IMODE(target.stat().st_mode) == 0o644 & ~umask
     assert stat.S_IMODE((home / "runs").stat().st_mode) == 0o777 & ~umask
     assert target.read_bytes() == b'{"lost": []}\n' and not list(target.parent.glob(".*.tmp"))
+
+
+def open_dir() -> Path:
+    """A directory anyone may pass through (pytest's own are 0700 root's), as /opt is."""
+    path = Path(tempfile.mkdtemp(prefix="ff-", dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def test_as_root_a_link_the_service_account_planted_leads_nowhere_it_could_not_go(tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root (the agent under sudo)")
+    home = open_dir() / "home"
+    (home / "runs").mkdir(parents=True)
+    os.chown(home, 65534, 65534)
+    os.chown(home / "runs", 65534, 65534)
+    root_only = tmp_path / "root-only"
+    root_only.mkdir(mode=0o700)
+    (home / "runs" / "run-1").symlink_to(root_only)  # as if the account made it
+    os.chown(home / "runs" / "run-1", 65534, 65534, follow_symlinks=False)
+    with pytest.raises(OSError, match=r"Permission denied|File exists"):
+        agent.write(str(home / "runs" / "run-1" / "fleet.json"), base64.b64encode(b"{}\n").decode())
+    assert list(root_only.iterdir()) == []
 
 
 def test_the_agent_never_writes_through_a_link_at_its_temporary_name(tmp_path: Path):
@@ -675,3 +698,31 @@ def test_pinning_a_key_forgets_the_key_recorded_before(tmp_path: Path):
     lines = (tmp_path / "known_hosts").read_text().splitlines()
     assert lines.count(f"10.20.0.5 {ep.host_key}") == 1 and other in lines
     assert not any("FirstContact" in line for line in lines)
+
+
+def test_under_sudo_a_copy_is_made_as_the_owner_of_the_directory_above(
+    host: SSHHost, ssh_calls: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The command a systemd host runs (sudo to the services' account, found by stat), with a
+    stand-in sudo that records how it was asked and runs the rest."""
+    fake = tmp_path / "sudo-bin"
+    fake.mkdir()
+    asked = tmp_path / "sudo-calls"
+    (fake / "sudo").write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {asked}\n'
+        'while [ "$#" -gt 0 ]; do case "$1" in -n) shift;; -u) shift 2;; *) break;; esac; done\n'
+        'exec "$@"\n'
+    )
+    (fake / "sudo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    source = tmp_path / "runs" / "r1"
+    source.mkdir(parents=True)
+    (source / "events.jsonl").write_bytes(b"{}\n")
+    host.sudo = True
+    assert host.fetch(str(source), tmp_path / "here") is True
+    assert (tmp_path / "here" / "events.jsonl").read_bytes() == b"{}\n"
+    calls = asked.read_text().splitlines()
+    owner = (tmp_path / "runs").stat().st_uid
+    assert calls[0] == f"-n stat -c %u {tmp_path / 'runs'}"
+    assert calls[1:] == [f"-n -u #{owner} test -d {source}", f"-n -u #{owner} tar -C {source} -cf - ."]

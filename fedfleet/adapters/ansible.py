@@ -98,7 +98,7 @@ def apply(
     """Run `playbook` from playbooks/ over `inventory`; raise ConfigureFailed naming each failed
     host (with `check` false, return the problems in the result instead). Ctrl-C or SIGTERM
     cancels the play and raises KeyboardInterrupt; a play that is not `cancellable` (the stop
-    play, run while a command unwinds) finishes regardless."""
+    play, run while a command unwinds) lets the first one pass and only a second cancels it."""
     import ansible_runner
 
     progress = progress or _Silent()
@@ -138,10 +138,17 @@ def apply(
     # ansible-runner would install SIGINT/SIGTERM handlers of its own and never restore
     # them; ours cancel the playbook (ansible-runner stops it) and are put back after.
     interrupted = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        signals.append(signum)
+        if cancellable or len(signals) > 1:
+            interrupted.set()
+
     in_main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-    for sig in previous:
-        signal.signal(sig, (lambda *_: interrupted.set()) if cancellable else signal.SIG_IGN)
+    for sig in previous:  # a Python handler: the play's processes keep the default ones
+        signal.signal(sig, on_signal)
     private = Path(tempfile.mkdtemp(prefix="fedfleet-ansible-"))
     started = time.monotonic()
     try:

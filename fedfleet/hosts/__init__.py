@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedfleet.adapters.processes import ProcessGroup
-from fedfleet.adapters.ssh import Endpoint, parse_jump
+from fedfleet.adapters.ssh import Endpoint, parse_jump, pin_host_key
 from fedfleet.core.inventory import Inventory
 from fedfleet.core.network import plan
 from fedfleet.core.paths import StackPaths, known_hosts
@@ -38,15 +38,23 @@ class Hosts(Mapping[str, Host]):
         return len(self._hosts)
 
     def connect(self, names: Iterable[str]) -> dict[str, str]:
-        """Open the connections of `names` at once; the hosts that failed, with why."""
+        """Open the connections of `names` at once; the hosts that failed, with why. Keys
+        pinned in the stack file are recorded first, one host after another: pinning
+        rewrites the known-hosts file, which the connections append to."""
         wanted = [n for n in dict.fromkeys(names) if n in self._hosts]
+        for name in wanted:
+            host = self._hosts[name]
+            if isinstance(host, SSHHost):
+                pin_host_key(host.ep)
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(wanted)))) as pool:
             results = dict(zip(wanted, pool.map(lambda n: self._hosts[n].connect(), wanted), strict=True))
         return {name: why for name, why in results.items() if why}
 
     def close(self) -> None:
-        for host in self._hosts.values():
-            host.close()
+        """Close every connection, all at once (a host still reconnecting takes seconds)."""
+        hosts = list(self._hosts.values())
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(hosts)))) as pool:
+            list(pool.map(lambda host: host.close(), hosts))
 
 
 def endpoint(

@@ -139,61 +139,77 @@ def read(path, offset=0, limit=READ_LIMIT):
     return {"size": size, "data": base64.b64encode(data).decode()}
 
 
-def _make_dirs(directory):
-    """Create `directory` and its missing parents; the owner (uid, gid) they should have.
-
-    As root (the agent under sudo on a systemd host) what it creates belongs to the owner
-    of the nearest directory that exists, not to root: the services, which run as their
-    own account, write next to it (the ServerApp writes its models beside fleet.json).
-    Otherwise the owner is whoever runs the agent (None: nothing to change)."""
-    missing = []
-    existing = os.path.abspath(directory)
-    while not os.path.isdir(existing):
-        missing.append(existing)
+def _owner_of_nearest(path):
+    """(uid, gid) of the nearest entry of `path` or its parents that exists, not following
+    a link (a link's owner is whoever made it)."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
         parent = os.path.dirname(existing)
         if parent == existing:
             break
         existing = parent
-    owner = None
-    if os.geteuid() == 0:
-        found = os.stat(existing)
-        owner = (found.st_uid, found.st_gid)
-    for path in reversed(missing):
+    found = os.lstat(existing)
+    return found.st_uid, found.st_gid
+
+
+def _as_owner(path, work):
+    """Run `work()` as the owner of the nearest existing part of `path` when the agent runs
+    as root (under sudo on a systemd host): what it creates then belongs to the services'
+    account, and a link that account planted cannot lead root anywhere that account could
+    not go itself. Otherwise (or when that owner is root) just run it."""
+    if os.geteuid() != 0:
+        return work()
+    uid, gid = _owner_of_nearest(os.path.dirname(path) or ".")
+    if uid == 0:
+        return work()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the owner, do the work, report how it went
+        code = 0
         try:
-            os.mkdir(path)
-        except FileExistsError:
-            if not os.path.isdir(path):
-                raise
-            continue  # made meanwhile by someone else: theirs
-        if owner is not None:
-            os.chown(path, owner[0], owner[1], follow_symlinks=False)
-    return owner
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            work()
+        except BaseException as err:  # reported to the parent as text
+            os.write(write_end, f"{type(err).__name__}: {err}".encode()[:4000])
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fh:
+        message = fh.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise OSError(message or f"writing {path} as uid {uid} failed")
+    return None
 
 
 def write(path, data, mode=0o644):
     """Write base64 `data` to `path` atomically (a sibling temporary file, then rename),
-    with the owner of its directory when the agent runs as root (see `_make_dirs`)."""
-    directory = os.path.dirname(path) or "."
-    owner = _make_dirs(directory)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    # A fresh file, never one already there: as root, following a link another account
-    # planted at this predictable name would write wherever it points.
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if owner is not None:
-                os.fchown(fh.fileno(), owner[0], owner[1])
-            fh.write(base64.b64decode(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    creating missing directories; as root, as the owner of where it goes (`_as_owner`)."""
+
+    def work():
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, "." + os.path.basename(path) + "." + str(os.getpid()) + ".tmp")
         if os.path.lexists(tmp):
             os.unlink(tmp)
-        raise
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(tmp, flags, mode)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(base64.b64decode(data))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise
+
+    _as_owner(path, work)
     return {}
 
 

@@ -16,6 +16,7 @@ import base64
 import contextlib
 import json
 import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -397,10 +398,17 @@ class SSHHost:
         """The directory as a tar stream over the master connection, unpacked safely
         (`unpack`). The copy is stopped after `deadline` seconds: a host whose disk hangs
         keeps its tar, and the channel, open for ever, and the run would wait with it."""
-        sudo = "sudo -n " if self.sudo else ""
-        command = (
-            f"{sudo}test -d {shlex.quote(path)} || exit 3; exec {sudo}tar -C {shlex.quote(path)} -cf - ."
-        )
+        quoted = shlex.quote(path)
+        if self.sudo:
+            # As the owner of the directory above (the services' account), not as root: a
+            # link that account planted cannot make root read what it could not.
+            above = shlex.quote(posixpath.dirname(path.rstrip("/")) or "/")
+            command = (
+                f'u=$(sudo -n stat -c %u {above}) || exit 4; sudo -n -u "#$u" test -d {quoted} || exit 3; '
+                f'exec sudo -n -u "#$u" tar -C {quoted} -cf - .'
+            )
+        else:
+            command = f"test -d {quoted} || exit 3; exec tar -C {quoted} -cf - ."
         with tempfile.TemporaryDirectory(prefix="fedfleet-copy-") as tmp:
             # stderr to a file: tar's warnings are read after the archive, and a pipe full
             # of them would stop both sides.

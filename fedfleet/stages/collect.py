@@ -19,10 +19,25 @@ from fedfleet.core.errors import FedfleetError
 from fedfleet.core.util import atomic_write
 from fedfleet.hosts.base import Host
 
+# What fedfleet itself writes in a run directory: what the aggregator sends is never
+# allowed to take these names.
+OWN = frozenset({"summary.json", "run_config.toml", "logs"})
 
-def results(aggregator: Host, server_out: str, run_dir: Path) -> None:
-    """The ServerApp's output directory (on the aggregator) into the run directory."""
-    aggregator.fetch(server_out, run_dir)
+
+def results(aggregator: Host, server_out: str, run_dir: Path) -> list[str]:
+    """The ServerApp's output directory (on the aggregator) into the run directory, through
+    a scratch directory: what it sends may not replace what fedfleet writes there. The
+    names it sent that were refused (the run's own files)."""
+    with tempfile.TemporaryDirectory(prefix="fedfleet-results-", dir=run_dir) as tmp:
+        if not aggregator.fetch(server_out, Path(tmp)):
+            return []
+        refused = []
+        for entry in sorted(Path(tmp).iterdir()):
+            if entry.name in OWN or (run_dir / entry.name).exists():
+                refused.append(entry.name)
+                continue
+            entry.rename(run_dir / entry.name)
+        return refused
 
 
 def logs(hosts: Mapping[str, Host], names: Iterable[str], run_dir: Path) -> list[str]:

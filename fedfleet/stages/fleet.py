@@ -43,6 +43,11 @@ CONNECT_POLL = 0.2
 MISSES = 2  # a host is lost after at least this many unanswered checks in a row...
 LOST_AFTER = 4.0  # ...spanning at least this many seconds without an answer
 OUTAGE_LIMIT = 60.0  # seconds no host at all may be silent (this machine's link) before the run fails
+# After such an outage the hosts' connections come back one by one (each reconnects on its
+# own): for this long a host still silent does not count as lost.
+RECOVERY_GRACE = 30.0
+CHECK_GAP = 3.0  # checks further apart than this (a failover ran in between) start the count over
+NOTICE_PATIENCE = 30.0  # seconds the ServerApp's fleet.json may fail to be written before the run fails
 STATUS_TIMEOUT = 1.0  # seconds a participant VM has to answer one check (the aggregator: 3)
 LOG_TAIL_BYTES = 16_384
 
@@ -119,16 +124,23 @@ class Silence:
 
     misses: int = 0  # checks in a row it did not answer
     since: float = 0.0  # time.monotonic() of the first of them
+    last: float = 0.0  # of the latest
 
     def heard(self, status: ServiceStatus, now: float) -> bool:
-        """Record one check; whether the host now counts as gone."""
+        """Record one check; whether the host now counts as gone: silent at every check for
+        LOST_AFTER seconds, the checks no further apart than CHECK_GAP (time this machine
+        spent elsewhere, starting a replacement, is not the host's silence)."""
         if status.reachable:
             self.misses = 0
             return False
-        if self.misses == 0:
-            self.since = now
+        if self.misses == 0 or now - self.last > CHECK_GAP:
+            self.misses, self.since = 0, now
         self.misses += 1
+        self.last = now
         return self.misses >= MISSES and now - self.since >= LOST_AFTER
+
+    def forget(self) -> None:
+        self.misses = 0
 
 
 @dataclass
@@ -149,17 +161,24 @@ class Notice:
         self.path = path
         self.lost: list[int] = []
         self.expected = expected
-        self.pending = False
+        self.failing_since: float | None = None  # the first write that failed, unsent since
+        self.error = ""
+
+    @property
+    def pending(self) -> bool:
+        return self.failing_since is not None
 
     def send(self) -> None:
         try:
             self.host.write(
                 self.path, (json.dumps({"lost": self.lost, "expected": self.expected}) + "\n").encode()
             )
-        except FedfleetError:
-            self.pending = True
+        except FedfleetError as err:
+            self.error = str(err)
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
         else:
-            self.pending = False
+            self.failing_since = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +209,7 @@ class Fleet:
         self.notice: Notice | None = None  # once the run has a ServerApp to tell
         self.aggregator_silence = Silence()
         self.outage_since: float | None = None  # no host answers: this machine's connection
+        self.grace_until = 0.0  # after an outage: hosts still reconnecting are not lost yet
 
     @property
     def serving(self) -> dict[str, str]:
@@ -348,8 +368,14 @@ class Fleet:
     def check(self) -> None:
         """Raise RunFailed if the aggregator is down; replace any SuperNode that is lost.
         Every host is asked at once (one slow host does not delay the others' verdict)."""
-        if self.notice is not None and self.notice.pending:
+        if self.notice is not None and self.notice.failing_since is not None:
             self.notice.send()
+            failing = self.notice.failing_since
+            if failing is not None and time.monotonic() - failing >= NOTICE_PATIENCE:
+                raise RunFailed(
+                    f"could not tell the ServerApp which nodes are lost for {NOTICE_PATIENCE:.0f} s: "
+                    f"{self.notice.error}"
+                )
         serving = dict(self.roster.serving)
         names = ["aggregator", *serving.values()]
         timeouts = {name: 3.0 if name == "aggregator" else STATUS_TIMEOUT for name in names}
@@ -361,14 +387,25 @@ class Fleet:
         if not any(status.reachable for status in statuses.values()):
             self._outage(statuses, now)
             return  # not the hosts' fault: nothing counts as lost meanwhile
-        self.outage_since = None
-        agg = statuses["aggregator"]
-        if self.aggregator_silence.heard(agg, now) or agg.reachable:
+        if self.outage_since is not None:  # back: the silence during the outage does not count
+            self.outage_since = None
+            self.grace_until = now + RECOVERY_GRACE
+            for silence in [self.aggregator_silence, *(n.silence for n in self.nodes.values())]:
+                silence.forget()
+        if all(status.reachable for status in statuses.values()):
+            self.grace_until = 0.0
+        # Within the grace after an outage a silent host is still reconnecting: not judged
+        # (a host that answers is, as always: a stopped service is stopped).
+        judged = {n: st for n, st in statuses.items() if st.reachable or now >= self.grace_until}
+        agg = judged.get("aggregator")
+        if agg is not None and (self.aggregator_silence.heard(agg, now) or agg.reachable):
             why = agg.down(SUPERLINK)
             if why is not None:
                 raise RunFailed(self._explain(why, "aggregator", SUPERLINK) if agg.reachable else why)
         for participant, vm in serving.items():
-            why = self._lost(vm, statuses[vm], now)
+            if vm not in judged:
+                continue
+            why = self._lost(vm, judged[vm], now)
             if why is not None:
                 self.fail_over(participant, vm, why)
 
