@@ -37,14 +37,16 @@ from typing import Any, Protocol
 from fedfleet_app.settings import AppSettings
 
 from fedfleet.adapters import ansible
-from fedfleet.adapters.flwr import FlwrCli, tool, write_run_config
+from fedfleet.adapters.flwr import FlwrCli, stage_app, tool, write_run_config
 from fedfleet.adapters.processes import ProcessGroup, reap_leftovers
 from fedfleet.core.errors import ConfigError, FedfleetError
+from fedfleet.core.init import InitSpec
+from fedfleet.core.init import render as render_stack
 from fedfleet.core.inventory import Inventory
 from fedfleet.core.paths import StackPaths, locked, stack_paths
 from fedfleet.core.records import RunRecord, RunState, Timings
 from fedfleet.core.selection import Verdict
-from fedfleet.core.stack import StackConfig, load_stack
+from fedfleet.core.stack import MODELS_PACKAGE, StackConfig, load_stack, parse_stack
 from fedfleet.core.util import atomic_write
 from fedfleet.hosts import Hosts, endpoint, for_stack
 from fedfleet.stages import collect, configure, fleet, plan, preflight, probe, provision, train
@@ -167,6 +169,9 @@ def run(
             raise ConfigError(f"--rounds must be at least 1 (got {rounds})")
         settings = replace(settings, num_server_rounds=rounds)
     planned = _placement(stack, observer)
+    if stack.model is not None:  # before any host is touched
+        observer.stage("model", f"{stack.model.setting}: built once for the stack's image size")
+    model = preflight.model(stack, settings)
     with session(stack, project_dir, say=observer.stage) as s:
         observer.stage(
             "probe",
@@ -190,6 +195,7 @@ def run(
             wheels = configure.wheel_cache(s.paths)
         timings.mark("setup")
         record = _record(stack, settings, s.inventory, planned, order, verdicts, sites)
+        record.model = model
         return Run(s, RunPlan(settings, verdicts, order, wheels), record, timings, observer).go()
 
 
@@ -337,8 +343,10 @@ class Run:
         assert cli is not None
         self.fleet.tell_server(f"{self.server_out}/{fleet.FLEET_FILE}")
         run_config = write_run_config(self.run_dir / "run_config.toml", settings.to_run_config())
-        self.observer.stage("submit", "flwr run fl/")
-        self.record.flower_run_id = train.submit(cli, self.s.paths.project / "fl", run_config)
+        app = self._app()
+        shown = "fl/" if self.s.stack.model is None else f"fl/ with {self.s.stack.model.setting}"
+        self.observer.stage("submit", f"flwr run {shown}")
+        self.record.flower_run_id = train.submit(cli, app, run_config)
         self.timings.mark("submitted")
         self.observer.stage("training", f"{settings.num_server_rounds} rounds")
         tail = train.EventTail(self.s.hosts["aggregator"], f"{self.server_out}/{train.EVENTS}")
@@ -346,6 +354,15 @@ class Run:
             tail, self.state, self.observer, cli, self.record.flower_run_id, self.fleet.check, settings
         )
         self.timings.mark("trained")
+
+    def _app(self) -> Path:
+        """The app `flwr run` submits: fl/ as it is, or a copy with the stack's model file in
+        it (it travels to the participants inside the FAB)."""
+        source = self.s.stack.model
+        app_dir = self.s.paths.project / "fl"
+        if source is None:
+            return app_dir
+        return stage_app(app_dir, self.s.paths.root / "app", {MODELS_PACKAGE: [source.file]})
 
     def _stop(self) -> None:
         _stop(self.launcher, self.fleet, self.record)
@@ -513,3 +530,20 @@ def trust(project_dir: Path, stack_name: str, names: list[str]) -> list[dict[str
                 }
             )
     return out
+
+
+# -- fedfleet init -----------------------------------------------------------------------
+
+
+def init_stack(project_dir: Path, spec: InitSpec, *, force: bool = False) -> Path:
+    """Write stacks/Pulumi.<name>.yaml from `spec`, validated like every stack file first
+    (nothing is written when it would not load); an existing file only with `force`."""
+    from ruamel.yaml import YAML
+
+    path = project_dir / "stacks" / f"Pulumi.{spec.name}.yaml"
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists: choose another name, or --force to replace it")
+    text = render_stack(spec)
+    parse_stack(spec.name, path, YAML(typ="safe").load(text)["config"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, text)

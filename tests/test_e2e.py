@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedfleet_app.task import build_model
 
 from fedfleet.adapters import netns as localnet
 from fedfleet.adapters.processes import tree
@@ -57,14 +56,52 @@ def server_events(project: Path) -> list[dict]:
     return [json.loads(line) for line in found[-1].read_text().splitlines() if line.strip()]
 
 
-def test_configure_then_two_rounds_three_participants(make_project):
+MLP = """# A network of the user's own (not fedfleet's CNN): one hidden layer.
+from torch import nn
+
+
+def build(num_classes: int, channels: int, image_size: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(channels * image_size * image_size, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+"""
+
+
+def rebuild(models: Path, state_file: Path) -> torch.nn.Module:
+    """The saved model, rebuilt from the run's models/ directory alone (as the README says)."""
+    import importlib.util
+
+    about = json.loads((models / "model.json").read_text())
+    factory = about["factory"]
+    spec = importlib.util.spec_from_file_location("saved_model", models / factory["file"])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = getattr(module, factory["function"])(**factory["kwargs"])
+    net.load_state_dict(torch.load(state_file, weights_only=True))
+    return net
+
+
+def test_init_then_configure_then_two_rounds_with_your_own_model(make_project):
     project = make_project()
-    configured = fedfleet(project, "configure", "--json", timeout=300)
+    (project / "models").mkdir()
+    (project / "models" / "mlp.py").write_text(MLP)
+    init = fedfleet(
+        project, "init", "lab", "--participant", "hospital-us@aws:us-east-1",
+        "--participant", "hospital-asia@gcp:asia-northeast3", "--participant", "hospital-eu@azure:westeurope",
+        "--model", "models/mlp.py:build", "--rounds", "2", "--json",
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    assert json.loads(init.stdout)["path"] == str(project / "stacks" / "Pulumi.lab.yaml")
+    configured = fedfleet(project, "configure", "--stack", "lab", "--json", timeout=300)
     assert configured.returncode == 0, configured.stderr
     assert json.loads(configured.stdout)["changed"] > 0
     # Those SuperNodes connected during `configure`: the run's play leaves them as they
     # are and the run accepts them (it does not wait for a new connection).
-    proc = start_run(project, "--rounds", "2", "--json")
+    proc = start_run(project, "--stack", "lab", "--json")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     summary = json.loads(out)
@@ -72,12 +109,14 @@ def test_configure_then_two_rounds_three_participants(make_project):
     assert json.loads((run_dir / "summary.json").read_text()) == summary
 
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert summary["model"] == {"model": "models/mlp.py:build", "class": "Sequential", "parameters": 4810}
     rounds = {r["round"]: r for r in summary["rounds"]}
     assert set(rounds) == {0, 1, 2}
     assert rounds[2]["metrics"]["accuracy"] > rounds[0]["metrics"]["accuracy"]
     for r in rounds.values():
         assert set(r["metrics"]) == {"loss", "accuracy", "f1", "precision", "recall"}
-    # One SuperNode per participant, on one of its own VMs, all computing on the VM's worker.
+    # One SuperNode per participant, on one of its own VMs, all computing on the VM's worker
+    # (which loaded the stack's model from the copy that came with the app).
     served = {p["name"]: p["vm"] for p in summary["participants"]}
     assert served == {"hospital-us": "us-vm-1", "hospital-asia": "asia-vm-1", "hospital-eu": "eu-vm-1"}
     # Chosen after a probe, with the rest of each participant's VMs as the failover order.
@@ -86,10 +125,11 @@ def test_configure_then_two_rounds_three_participants(make_project):
         sites = rounds[r]["sites"]["train"]
         assert sorted(s["participant"] for s in sites) == sorted(served)
         assert {s["compute"] for s in sites} == {"worker"}
-    # Every round's global model is saved and loads into the network.
+    # Every round's global model is saved; the models directory alone rebuilds the network.
+    models = run_dir / "models"
     for r in (0, 1, 2):
-        state = torch.load(run_dir / rounds[r]["model"], weights_only=True)
-        build_model(1, 10).load_state_dict(state)
+        net = rebuild(models, run_dir / rounds[r]["model"])
+        assert isinstance(net, torch.nn.Sequential)
     assert summary["best_round"]["round"] in (1, 2)
     # The run planned the aggregator first (emulated here) and recorded the choice.
     planned = summary["aggregator"]["planned"]

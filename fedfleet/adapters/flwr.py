@@ -13,10 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from fedfleet.core.errors import EnvironmentProblem, FedfleetError, RunFailed
 from fedfleet.core.util import atomic_write
@@ -56,6 +59,31 @@ def toml_value(value: str | int | float | bool) -> str:
 def write_run_config(path: Path, run_config: Mapping[str, str | int | float | bool]) -> Path:
     """A run-config TOML file for `flwr run --run-config` (flat keys, scalar values)."""
     return atomic_write(path, "".join(f"{key} = {toml_value(value)}\n" for key, value in run_config.items()))
+
+
+def stage_app(app_dir: Path, dest: Path, packages: Mapping[str, list[Path]]) -> Path:
+    """A copy of the Flower app in `app_dir` with more Python packages in it (name -> its
+    files), so that they travel inside the FAB `flwr run` builds (SuperNodes install the
+    app from it: nothing is copied to hosts by hand). `dest` is made afresh."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".venv", ".flwr")
+    shutil.copytree(app_dir, dest, ignore=ignore)
+    pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    app = pyproject.setdefault("tool", {}).setdefault("flwr", {}).setdefault("app", {})
+    include = list(app.get("fab-include", []))
+    for name, files in packages.items():
+        package = dest / name
+        package.mkdir()
+        (package / "__init__.py").write_text('"""Added to the app by fedfleet from the stack file."""\n')
+        for file in files:
+            shutil.copyfile(file, package / file.name)
+        if include:  # with an explicit list, the FAB takes only what it names
+            include.append(f"{name}/*.py")
+    if include:
+        app["fab-include"] = include
+    (dest / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return dest
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from fedfleet import __version__
 from fedfleet.cli import configure as configure_cmd
+from fedfleet.cli import init as init_cmd
 from fedfleet.cli import plan as plan_cmd
 from fedfleet.cli import promote as promote_cmd
 from fedfleet.cli import run as run_cmd
@@ -78,6 +79,7 @@ app.command("configure", help=configure_cmd.CONFIGURE_HELP)(configure_cmd.config
 app.command("stop", help=configure_cmd.STOP_HELP)(configure_cmd.stop_command)
 app.command("vms", help=vms_cmd.HELP)(vms_cmd.command)
 app.command("trust", help=trust_cmd.HELP)(trust_cmd.command)
+app.command("init", help=init_cmd.HELP)(init_cmd.command)
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:

@@ -166,6 +166,7 @@ class RunRecord:
     flower_run_id: int | None = None
     stop: dict[str, Any] | None = None
     stop_error: str | None = None
+    model: dict[str, Any] | None = None  # the stack's own network (None: the built-in CNN)
     orchestration: dict[str, Any] | None = None
     collect_errors: list[str] = field(default_factory=list)
 
@@ -200,6 +201,7 @@ class RunRecord:
             "settings": self.settings,
             "aggregator": self.aggregator,
             "participants": [_with_examples(p, state) for p in self.participants],
+            "model": self.model or {"model": "built-in CNN (fedfleet_app.task.Net)"},
         }
         optional = {
             "error": self.error,

@@ -208,6 +208,24 @@ class Orchestrator:
     connect_timeout: float = 60.0
 
 
+MODELS_PACKAGE = "fedfleet_models"  # where the stack's model file goes inside the app
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The stack's own network (`fedfleet:app.model`): a Python file of the project and the
+    function in it that builds the model."""
+
+    file: Path  # absolute
+    function: str
+    setting: str  # as the stack file says it (messages name it)
+
+    @property
+    def ref(self) -> str:
+        """How the app imports the factory once the file is inside it."""
+        return f"{MODELS_PACKAGE}.{self.file.stem}:{self.function}"
+
+
 @dataclass(frozen=True)
 class StackConfig:
     name: str
@@ -220,6 +238,7 @@ class StackConfig:
     local: LocalSettings | None = None
     operator: Operator | None = None
     orchestrator: Orchestrator = Orchestrator()
+    model: ModelSource | None = None
 
     @property
     def is_local(self) -> bool:
@@ -330,7 +349,7 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
             "it and set fedfleet:app.classes",
             f"{PROJECT}:data.demo",
         )
-    app = _app(r.child("app", default={}), len(participants), demo)
+    app, model = _app(r.child("app", default={}), len(participants), demo, path.parent.parent)
     placement = _placement(r.child("placement", default={}), path.parent.parent)
     local = _local(r.child("local")) if is_local else None
     orchestrator = _orchestrator(r.child("orchestrator", default={}))
@@ -343,7 +362,7 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
                 f"and {vms} VMs; use a larger network (like {LocalSettings.subnet})"
             )
     return StackConfig(
-        stack, path, aggregator, participants, app, demo, placement, local, operator, orchestrator
+        stack, path, aggregator, participants, app, demo, placement, local, operator, orchestrator, model
     )
 
 
@@ -736,10 +755,16 @@ def _demo(r: _Reader) -> DemoData | None:
     )
 
 
-def _app(r: _Reader, num_participants: int, demo: DemoData | None) -> AppSettings:
+def _app(
+    r: _Reader, num_participants: int, demo: DemoData | None, project_dir: Path
+) -> tuple[AppSettings, ModelSource | None]:
     if not isinstance(r.value, Mapping):
         raise r.fail(f"must be a mapping (got {type(r.value).__name__})")
     values = dict(r.value)
+    model = None
+    if "model" in values:
+        model = _model(r.child("model"), project_dir)
+        values["model"] = model.ref
     for key in ("output-dir", "simulation-data-root"):
         if key in values:
             raise r.fail("is set by fedfleet for each run; remove it", f"{r.key}.{key}")
@@ -768,7 +793,28 @@ def _app(r: _Reader, num_participants: int, demo: DemoData | None) -> AppSetting
             f"is {app.min_participants} but the stack has {num_participants} participants",
             f"{r.key}.min-participants",
         )
-    return app
+    return app, model
+
+
+def _model(r: _Reader, project_dir: Path) -> ModelSource:
+    """`path/to/file.py:function`, the file in the project (it travels inside the app)."""
+    text = r.value
+    form = "path/to/file.py:function, e.g. models/mynet.py:build"
+    if not isinstance(text, str) or text.count(":") != 1:
+        raise r.fail(f"must be {form} (got {text!r})")
+    where, function = text.split(":")
+    path = Path(where).expanduser()
+    path = path if path.is_absolute() else project_dir / path
+    if path.suffix != ".py" or not path.stem.isidentifier():
+        raise r.fail(
+            f"{where!r} must be a Python file whose name is a module name (letters, digits, "
+            f"underscores): {form}"
+        )
+    if not function.isidentifier():
+        raise r.fail(f"{function!r} is not a Python function name: {form}")
+    if not path.is_file():
+        raise r.fail(f"{path} does not exist; give the file of your model ({form})")
+    return ModelSource(path.resolve(), function, text)
 
 
 def _placement(r: _Reader, project_dir: Path) -> Requirements:

@@ -7,17 +7,25 @@ SuperNode role checks that its path exists on the VM, and the examples each site
 trained on are reported by the rounds.
 
 The SuperLink's port on the local stack (on real hosts the SuperLink role checks it).
+
+The stack's own model (`fedfleet:app.model`): built once here, in a process of its own
+(torch, and the user's code, stay out of fedfleet's), and fed a batch of the stack's
+image size: a factory that is missing, fails, or gives the wrong number of outputs is
+named before any host is touched.
 """
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from fedfleet_app import data as app_data
 from fedfleet_app.settings import AppSettings
 
-from fedfleet.core.errors import DataError, EnvironmentProblem
+from fedfleet.core.errors import ConfigError, DataError, EnvironmentProblem
 from fedfleet.core.paths import data_path
 from fedfleet.core.stack import PROJECT, StackConfig
 from fedfleet.hosts.base import Host
@@ -69,3 +77,49 @@ def superlink_port(stack: StackConfig, aggregator: Host, address: str) -> None:
                 f"({err.strerror}). Stop whatever listens there (`ss -ltnp 'sport = :{port}'` "
                 "shows it) or change that key to a free port"
             ) from err
+
+
+MODEL_CHECK = """
+import json, sys
+from fedfleet_app import task
+ref, path, channels, classes, size = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+try:
+    task.use_model_file(ref, path)
+    net = task.build_model(channels, classes, model=ref, image_size=size)
+    task.check_model(net, ref, channels, classes, size)
+    count = sum(p.numel() for p in net.parameters())
+    print(json.dumps({"ok": True, "parameters": count, "class": type(net).__name__}))
+except task.ModelError as err:
+    print(json.dumps({"ok": False, "error": str(err)}))
+"""
+
+
+def model(stack: StackConfig, settings: AppSettings) -> dict[str, object] | None:
+    """Build the stack's own model once for its sizes; what it is (None: the built-in CNN).
+    Raise ConfigError naming `fedfleet:app.model` if it cannot serve."""
+    source = stack.model
+    if source is None:
+        return None
+    argv = [
+        sys.executable, "-c", MODEL_CHECK, settings.model, str(source.file),
+        str(settings.channels), str(settings.num_classes), str(settings.image_size),
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(
+            f"{stack.path}: {PROJECT}:app.model: building {source.setting} took over 300 s"
+        ) from None
+    lines = done.stdout.strip().splitlines()
+    reply = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+    if reply is None:
+        raise ConfigError(
+            f"{stack.path}: {PROJECT}:app.model: checking {source.setting} failed: "
+            + (done.stderr.strip().splitlines() or ["no output"])[-1]
+        )
+    if not reply["ok"]:
+        raise ConfigError(
+            f"{stack.path}: {PROJECT}:app.model: {reply['error']} ({source.file}; the function is called "
+            "as function(num_classes=, channels=, image_size=) and returns a torch.nn.Module)"
+        )
+    return {"model": source.setting, "class": reply["class"], "parameters": reply["parameters"]}

@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from . import worker
-from .settings import EVAL_RECORD, SITE_RECORD, WEIGHTS, AppSettings
+from .settings import EVAL_RECORD, SITE_RECORD, WEIGHTS, AppSettings, model_file
 
 app = ClientApp()
 
@@ -55,6 +55,8 @@ def _compute(context: Context, request: dict[str, Any], settings: AppSettings) -
             "--node-config 'data-path=\"/path/to/site/data\"'"
         )
     request = {**request, "data_path": data_path, "run_config": settings.to_run_config()}
+    if settings.model:  # the worker loads the stack's model from this app's copy of its file
+        request["model_file"] = model_file(settings.model)
     try:
         return (
             worker.call(

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from .data import DataSpec, Split, load_site
 from .settings import AppSettings
-from .task import Net, build_model, evaluate, load_vector, to_vector, train
+from .task import build_model, evaluate, load_vector, to_vector, train
 
 _sites: dict[tuple[str, DataSpec], tuple[tuple[Any, ...], tuple[Split, Split]]] = {}
 
@@ -43,8 +44,11 @@ def site_data(data_path: str, spec: DataSpec) -> tuple[Split, Split]:
     return splits
 
 
-def _model(settings: AppSettings, weights: np.ndarray) -> Net:
-    return load_vector(build_model(settings.channels, settings.num_classes), np.asarray(weights))
+def _model(settings: AppSettings, weights: np.ndarray) -> nn.Module:
+    net = build_model(
+        settings.channels, settings.num_classes, model=settings.model, image_size=settings.image_size
+    )
+    return load_vector(net, np.asarray(weights))
 
 
 def run_train(

@@ -9,6 +9,7 @@ Writes to `output-dir` (on the SuperLink host):
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from .settings import WEIGHTS, AppSettings
+from .settings import WEIGHTS, AppSettings, model_file
 from .strategy import RecordedStrategy, build_strategy, timed_emitter
 from .task import build_model, load_vector, to_vector
 
@@ -194,19 +195,31 @@ class Recorder:
         self.models.mkdir(parents=True, exist_ok=True)
         self._events = (output_dir / "events.jsonl").open("a", encoding="utf-8")
         self.emit = timed_emitter(self._write)
-        (self.models / "model.json").write_text(
-            json.dumps(
-                {
-                    "architecture": "fedfleet_app.task.Net",
-                    "channels": settings.channels,
-                    "num_classes": settings.num_classes,
-                    "classes": list(settings.classes),
-                    "image_size": settings.image_size,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        sizes = {
+            "num_classes": settings.num_classes,
+            "channels": settings.channels,
+            "image_size": settings.image_size,
+        }
+        about: dict[str, Any] = {
+            "architecture": settings.model or "fedfleet_app.task.Net",
+            "channels": settings.channels,
+            "num_classes": settings.num_classes,
+            "classes": list(settings.classes),
+            "image_size": settings.image_size,
+        }
+        if settings.model:
+            # The stack's own network: its file beside the weights, and how to call it, so
+            # the models directory alone rebuilds it (README: "Your own model").
+            source = model_file(settings.model)
+            if source is None:
+                raise ValueError(f"model {settings.model}: its module is not in this app")
+            shutil.copyfile(source, self.models / Path(source).name)
+            about["factory"] = {
+                "file": Path(source).name,
+                "function": settings.model.partition(":")[2],
+                "kwargs": sizes,
+            }
+        (self.models / "model.json").write_text(json.dumps(about, indent=2) + "\n")
 
     def _write(self, event: dict[str, Any]) -> None:
         self._events.write(json.dumps(event) + "\n")
@@ -216,8 +229,12 @@ class Recorder:
         """Save the global model after each round (Flower calls this with round 0 first)."""
         path = self.models / f"round-{server_round}.pt"
         tmp = path.with_suffix(".tmp")
+        settings = self.settings
         net = load_vector(
-            build_model(self.settings.channels, self.settings.num_classes), arrays[WEIGHTS].numpy()
+            build_model(
+                settings.channels, settings.num_classes, model=settings.model, image_size=settings.image_size
+            ),
+            arrays[WEIGHTS].numpy(),
         )
         torch.save(net.state_dict(), tmp)
         tmp.replace(path)
@@ -246,7 +263,13 @@ def main(grid: Grid, context: Context) -> None:
             emit=recorder.emit,
         )
         recorder.emit("nodes", nodes=list(prompt_grid.get_node_ids()))
-        model = build_model(settings.channels, settings.num_classes, settings.model_seed)
+        model = build_model(
+            settings.channels,
+            settings.num_classes,
+            settings.model_seed,
+            model=settings.model,
+            image_size=settings.image_size,
+        )
         strategy = RecordedStrategy(build_strategy(settings), settings, recorder.emit)
         strategy.start(
             grid=prompt_grid,

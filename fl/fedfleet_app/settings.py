@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -44,6 +45,21 @@ SITE_RECORD = "site"
 EVAL_METRICS = ("loss", "accuracy", "f1", "precision", "recall")
 
 
+MODEL_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def model_file(ref: str) -> str | None:
+    """The file of the module holding the model factory `ref` (module:function), found
+    without importing it (the ClientApp imports no torch); None if it cannot be found."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(ref.partition(":")[0])
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
 class SettingsError(ValueError):
     """A run-config value is invalid; the message names the key."""
 
@@ -72,6 +88,10 @@ class AppSettings:
     round_timeout: float = 300.0
     node_wait_timeout: float = 120.0
     output_dir: str = ""
+    # The network to train: "" for the built-in CNN (task.Net), or "module:function" of a
+    # factory inside the app (fedfleet puts the stack's model file there): function(
+    # num_classes=, channels=, image_size=) returns a torch.nn.Module.
+    model: str = ""
     # Under Flower's simulation engine a node's config holds only partition-id:
     # its data is then read from <simulation-data-root>/<partition-id>.
     simulation_data_root: str = ""
@@ -120,6 +140,12 @@ class AppSettings:
         _check(self.min_participants >= 1, "min-participants", self.min_participants, "at least 1")
         _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "positive seconds")
         _check(self.node_wait_timeout > 0, "node-wait-timeout", self.node_wait_timeout, "positive seconds")
+        _check(
+            not self.model or MODEL_REF.fullmatch(self.model) is not None,
+            "model",
+            self.model,
+            "empty (the built-in CNN) or module:function",
+        )
 
     @property
     def num_classes(self) -> int:

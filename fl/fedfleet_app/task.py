@@ -2,13 +2,21 @@
 
 The CNN adapts to any input size through an adaptive pooling layer, so the same
 network serves 8x8 demo digits and 128x128 chest X-rays; only `channels` and
-`num_classes` change its shape.
+`num_classes` change its shape. A stack may name its own network instead
+(`fedfleet:app.model`): a factory taking num_classes, channels and image_size.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,10 +51,91 @@ class Net(nn.Module):
         return self.head(self.features(x))
 
 
-def build_model(channels: int, num_classes: int, seed: int = 0) -> Net:
-    """Return a freshly initialised model; the same seed gives the same weights."""
+class ModelError(ValueError):
+    """The model factory cannot be used; the message says why and the fix."""
+
+
+# Factories by "module:function", and where a process outside the app finds their file
+# (the VM's warm worker is not started from the FAB; the ClientApp names the file).
+_model_files: dict[str, str] = {}
+
+
+def use_model_file(ref: str, path: str) -> None:
+    _model_files[ref] = path
+
+
+def model_factory(ref: str) -> Callable[..., nn.Module]:
+    """The factory `module:function`: imported (inside the app), or loaded from the file
+    `use_model_file` named. A file is loaded again when it changed."""
+    module_name, _, function = ref.partition(":")
+    path = _model_files.get(ref)
+    try:
+        if path is None:
+            module = importlib.import_module(module_name)
+        else:
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+            name = f"_fedfleet_model_{digest}"
+            module = sys.modules.get(name) or _load(name, path)
+    except Exception as err:  # the user's code: any error is theirs to see
+        raise ModelError(f"model {ref}: its module does not import ({type(err).__name__}: {err})") from err
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        raise ModelError(
+            f"model {ref}: {module_name} has no function {function!r} (it has: "
+            f"{', '.join(n for n in dir(module) if not n.startswith('_')) or 'nothing'})"
+        )
+    return factory  # type: ignore[no-any-return]
+
+
+def _load(name: str, path: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_model(
+    channels: int, num_classes: int, seed: int = 0, *, model: str = "", image_size: int = 8
+) -> nn.Module:
+    """A freshly initialised model, the same seed giving the same weights: the built-in CNN,
+    or what the factory `model` (module:function) returns for these sizes."""
     torch.manual_seed(seed)
-    return Net(channels, num_classes)
+    if not model:
+        return Net(channels, num_classes)
+    sizes = {"num_classes": num_classes, "channels": channels, "image_size": image_size}
+    try:
+        net = model_factory(model)(**sizes)
+    except ModelError:
+        raise
+    except Exception as err:  # the user's code
+        call = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        raise ModelError(
+            f"model {model}: calling it as ({call}) failed ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"model {model} returned a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def check_model(net: nn.Module, model: str, channels: int, num_classes: int, image_size: int) -> None:
+    """Raise ModelError unless `net` maps a batch of images to one score per class."""
+    with torch.no_grad():
+        try:
+            out = net(torch.zeros(2, channels, image_size, image_size))
+        except Exception as err:
+            raise ModelError(
+                f"model {model} fails on a batch of {channels}x{image_size}x{image_size} images "
+                f"({type(err).__name__}: {err})"
+            ) from err
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != (2, num_classes):
+        raise ModelError(
+            f"model {model} gives output of shape {shape} for 2 images, not (2, {num_classes}): one "
+            f"score per class ({num_classes} classes); make its last layer output num_classes"
+        )
 
 
 @dataclass(frozen=True)
@@ -57,7 +146,7 @@ class TrainResult:
 
 
 def train(
-    net: Net,
+    net: nn.Module,
     x: np.ndarray,
     y: np.ndarray,
     *,
@@ -113,7 +202,7 @@ def _sgd_step(params: list[nn.Parameter], momentum: list[torch.Tensor], lr: floa
             p.add_(buf, alpha=-lr)
 
 
-def evaluate(net: Net, x: np.ndarray, y: np.ndarray, num_classes: int) -> dict[str, float]:
+def evaluate(net: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int) -> dict[str, float]:
     """Loss, accuracy and macro precision/recall/F1 of `net` on (x, y)."""
     net.eval()
     with torch.no_grad():
@@ -154,7 +243,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
     }
 
 
-def to_vector(net: Net) -> np.ndarray:
+def to_vector(net: nn.Module) -> np.ndarray:
     """Every tensor of the model in one float32 vector, in state_dict order.
 
     This is how weights travel in Flower messages. Flower moves each Array of an
@@ -169,7 +258,7 @@ def to_vector(net: Net) -> np.ndarray:
     )
 
 
-def load_vector(net: Net, vector: np.ndarray) -> Net:
+def load_vector(net: nn.Module, vector: np.ndarray) -> nn.Module:
     """Put `vector` (from `to_vector` of the same architecture) back into `net`."""
     state = net.state_dict()
     expected = sum(t.numel() for t in state.values())

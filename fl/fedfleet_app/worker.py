@@ -57,9 +57,11 @@ def ensure_key(path: Path) -> bytes:
 
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:
-    from . import compute
+    from . import compute, task
 
     settings = AppSettings.from_run_config(request["run_config"])
+    if settings.model and request.get("model_file"):  # this process is not started from the app
+        task.use_model_file(settings.model, str(request["model_file"]))
     if request["op"] == "train":
         return compute.run_train(
             request["data_path"],
