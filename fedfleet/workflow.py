@@ -46,12 +46,23 @@ from fedfleet.core.inventory import Inventory
 from fedfleet.core.paths import StackPaths, locked, stack_paths
 from fedfleet.core.records import RunRecord, RunState, Timings
 from fedfleet.core.selection import Verdict
-from fedfleet.core.stack import MODELS_PACKAGE, StackConfig, load_stack, parse_stack
+from fedfleet.core.stack import (
+    MODELS_PACKAGE,
+    StackConfig,
+    flower_app_from,
+    load_stack,
+    parse_stack,
+    set_rounds,
+    with_rounds,
+)
 from fedfleet.core.util import atomic_write
 from fedfleet.hosts import Hosts, endpoint, for_stack
 from fedfleet.stages import collect, configure, fleet, plan, preflight, probe, provision, train
 
 SERVER_RUNS = "runs"  # under the aggregator's fedfleet home: one output directory per run
+SERVERAPP_DIR = ".serverapp-dir"  # in it: where the next ServerApp starts (flwr-serverapp reads it)
+APP_OUTPUT = collect.APP_OUTPUT  # a foreign app's working directory in its run's output
+SERVERAPP_LOG = collect.SERVERAPP_LOG  # a foreign app's ServerApp output, from the SuperLink
 
 
 class Observer(ansible.Progress, Protocol):
@@ -158,20 +169,28 @@ def run(
     *,
     rounds: int | None = None,
     observer: Observer | None = None,
+    app: Path | None = None,
 ) -> dict[str, Any]:
-    """One federated training on a stack; its summary (also runs/<run-id>/summary.json)."""
+    """One federated training on a stack; its summary (also runs/<run-id>/summary.json).
+    `app`: a Flower app of your own to run instead of the stack's."""
     observer = observer or _Quiet()
     timings = Timings()
     stack = load_stack(project_dir, stack_name)
+    if app is not None:
+        stack = flower_app_from(app, stack)
     settings = stack.app
     if rounds is not None:
         if rounds < 1:
             raise ConfigError(f"--rounds must be at least 1 (got {rounds})")
         settings = replace(settings, num_server_rounds=rounds)
+        if stack.flower_app is not None:
+            source = set_rounds(stack.flower_app, rounds)
+            stack = replace(stack, flower_app=source, app=with_rounds(stack.app, source))
     planned = _placement(stack, observer)
     if stack.model is not None:  # before any host is touched
         observer.stage("model", f"{stack.model.setting}: built once for the stack's image size")
     model = preflight.model(stack, settings)
+    app_info = _check_app(stack, project_dir, observer)
     with session(stack, project_dir, say=observer.stage) as s:
         observer.stage(
             "probe",
@@ -192,11 +211,22 @@ def run(
         wheels = None
         if configure.needs_wheels(stack):
             observer.stage("wheels", "the hosts' packages, for an offline install (built once)")
-            wheels = configure.wheel_cache(s.paths)
+            wheels = configure.wheel_cache(s.paths, stack.flower_app.app if stack.flower_app else None)
         timings.mark("setup")
         record = _record(stack, settings, s.inventory, planned, order, verdicts, sites)
-        record.model = model
+        record.model, record.app = model, app_info
         return Run(s, RunPlan(settings, verdicts, order, wheels), record, timings, observer).go()
+
+
+def _check_app(stack: StackConfig, project_dir: Path, observer: Observer) -> dict[str, Any] | None:
+    """A Flower app of your own, checked (and its environment made) before any host is touched."""
+    source = stack.flower_app
+    if source is None:
+        return None
+    app = source.app
+    extra = f", installing {', '.join(app.dependencies)}" if app.dependencies else ""
+    observer.stage("app", f"{app.fab_id} {app.version} from {app.dir}: node config, components{extra}")
+    return preflight.flower_app(stack, stack_paths(stack, project_dir))
 
 
 def _placement(stack: StackConfig, observer: Observer) -> dict[str, Any]:
@@ -231,10 +261,14 @@ def _record(
     sites: dict[str, dict[str, int]],
 ) -> RunRecord:
     agg = inventory.aggregator
+    if stack.flower_app is not None:
+        run_settings: dict[str, Any] = dict(stack.flower_app.run_config)
+    else:
+        run_settings = {k: v for k, v in settings.to_run_config().items() if k != "output-dir"}
     return RunRecord(
         run_id=new_run_id(),
         stack=stack.name,
-        settings={k: v for k, v in settings.to_run_config().items() if k != "output-dir"},
+        settings=run_settings,
         aggregator={
             "emulated": stack.is_local,
             "kind": stack.kind,
@@ -337,27 +371,58 @@ class Run:
         self.timings.mark("configured")
 
     def _train(self) -> None:
-        """Submit the app, follow the ServerApp's events, watch and fail over meanwhile."""
+        """Submit the app, follow the ServerApp's progress, watch and fail over meanwhile."""
         settings = replace(self.plan.settings, output_dir=self.server_out)
         cli = self.cli
         assert cli is not None
-        self.fleet.tell_server(f"{self.server_out}/{fleet.FLEET_FILE}")
-        run_config = write_run_config(self.run_dir / "run_config.toml", settings.to_run_config())
-        app = self._app()
-        shown = "fl/" if self.s.stack.model is None else f"fl/ with {self.s.stack.model.setting}"
+        foreign = self.s.stack.flower_app
+        aggregator = self.s.hosts["aggregator"]
+        # Where the ServerApp starts (the SuperLink role's flwr-serverapp reads it): a foreign
+        # app's relative writes land in the run's output/, collected into runs/<run-id>/output/.
+        start_in = f"{self.server_out}/{APP_OUTPUT}" if foreign else self.server_out
+        aggregator.write(f"{aggregator.home.rstrip('/')}/{SERVER_RUNS}/{SERVERAPP_DIR}", start_in.encode())
+        if foreign is None:
+            self.fleet.tell_server(f"{self.server_out}/{fleet.FLEET_FILE}")
+            run_config: Path | None = write_run_config(
+                self.run_dir / "run_config.toml", settings.to_run_config()
+            )
+            shown = "fl/" if self.s.stack.model is None else f"fl/ with {self.s.stack.model.setting}"
+        else:  # only what the stack changes: Flower refuses keys the app does not declare
+            run_config = (
+                write_run_config(self.run_dir / "run_config.toml", foreign.overrides)
+                if foreign.overrides
+                else None
+            )
+            shown = f"{foreign.app.dir} ({foreign.app.fab_id})"
         self.observer.stage("submit", f"flwr run {shown}")
-        self.record.flower_run_id = train.submit(cli, app, run_config)
+        self.record.flower_run_id = train.submit(cli, self._app(), run_config)
         self.timings.mark("submitted")
         self.observer.stage("training", f"{settings.num_server_rounds} rounds")
-        tail = train.EventTail(self.s.hosts["aggregator"], f"{self.server_out}/{train.EVENTS}")
-        train.follow(
-            tail, self.state, self.observer, cli, self.record.flower_run_id, self.fleet.check, settings
-        )
+        tail: train.EventTail | train.LogTail
+        if foreign is None:
+            tail = train.EventTail(aggregator, f"{self.server_out}/{train.EVENTS}")
+        else:
+            tail = train.LogTail(
+                cli, self.record.flower_run_id, self.s.procs, self.run_dir / "logs" / "flwr-log.log"
+            )
+        try:
+            train.follow(
+                tail, self.state, self.observer, cli, self.record.flower_run_id, self.fleet.check, settings
+            )
+        finally:
+            if isinstance(tail, train.LogTail):
+                tail.close()
+                atomic_write(self.run_dir / SERVERAPP_LOG, tail.reader.text)
+                self.record.flower_status = tail.status or None
         self.timings.mark("trained")
 
     def _app(self) -> Path:
-        """The app `flwr run` submits: fl/ as it is, or a copy with the stack's model file in
-        it (it travels to the participants inside the FAB)."""
+        """The app `flwr run` submits: fl/ as it is, a copy with the stack's model file in it
+        (it travels to the participants inside the FAB), or a copy of a Flower app of your own
+        (`flwr run` rewrites an app's [tool.flwr.federations]: the copy has none)."""
+        foreign = self.s.stack.flower_app
+        if foreign is not None:
+            return stage_app(foreign.app.dir, self.s.paths.root / "app")
         source = self.s.stack.model
         app_dir = self.s.paths.project / "fl"
         if source is None:
@@ -371,6 +436,11 @@ class Run:
 
     def _collect(self) -> None:
         _collect(self.s.hosts, self.fleet, self.server_out, self.run_dir, self.record)
+        output = self.run_dir / APP_OUTPUT
+        if self.record.app is not None and output.is_dir():
+            self.record.app["output"] = sorted(
+                str(f.relative_to(self.run_dir)) for f in output.rglob("*") if f.is_file()
+            )
 
 
 def _stop(launcher: configure.Configurer, f: fleet.Fleet, record: RunRecord) -> None:
@@ -431,12 +501,14 @@ def configure_stack(
         wheels = None
         serving: list[str] = []
         if site:
+            _check_app(stack, project_dir, _Quiet())  # a Flower app of your own: its environment
             s.require_aggregator()
             preflight.data(stack, project_dir, stack.app)  # the emulated sites' own data
             chosen, _ = probe.choose(stack, s.inventory, s.paths, _probe(s), advance=False)
             serving = [vm.name for vm in chosen.values()]  # where a run would start the SuperNodes
             s.operator_cli()
-            wheels = configure.wheel_cache(s.paths) if configure.needs_wheels(stack) else None
+            app = stack.flower_app.app if stack.flower_app else None
+            wheels = configure.wheel_cache(s.paths, app) if configure.needs_wheels(stack) else None
         hosts = s.ansible_inventory(serving, wheels)
         try:
             result = ansible.apply(playbook, hosts, limit=limit, progress=progress)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -320,3 +322,58 @@ def test_ctrl_c_stops_everything(make_project):
     assert running_processes_mentioning(str(project)) == []
     (run,) = (project / "runs").iterdir()
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+
+
+FIXTURE_APP = Path(__file__).parent / "fixtures" / "numpy-app"
+
+
+def test_a_flower_app_of_your_own_runs_unchanged_with_its_own_dependency(make_project, tmp_path: Path):
+    """A Flower app written as Flower's examples are (its own pyproject.toml, a dependency
+    fedfleet does not have, no fedfleet import): two rounds on the local stack, its metrics
+    from Flower's own log lines, its files collected, its directory untouched, nothing left."""
+    import importlib.util
+    import shutil
+
+    assert importlib.util.find_spec("tabulate") is None, "the app's dependency must not be fedfleet's"
+    app = tmp_path / "my-flower-app"
+    shutil.copytree(FIXTURE_APP, app)
+    pyproject = (app / "pyproject.toml").read_bytes()
+    config = local_config(vms_per_participant=1)
+    config["fedfleet:participants"] = config["fedfleet:participants"][:2]
+    config["fedfleet:app"] = {
+        "path": str(app),
+        "config": {"local-steps": 10},
+        "nodeConfig": {"site-tag": "x"},
+    }
+    project = make_project(config)
+    proc = start_run(project, "--rounds", "2", "--json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    run_dir = project / "runs" / summary["run_id"]
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert summary["flower_status"]["status"] == "finished:completed"
+    assert summary["app"]["app"] == "fedfleet-tests/numpy-app" and summary["app"]["metrics_reported"]
+    # The overrides reached the app (--rounds is its num-server-rounds); nothing else was added.
+    assert summary["settings"] == {
+        "num-server-rounds": 2, "learning-rate": 0.5, "local-steps": 10, "samples-per-node": 400,
+    }  # fmt: skip
+    rounds = {r["round"]: r for r in summary["rounds"]}
+    assert set(rounds) == {1, 2}
+    for r in rounds.values():
+        assert set(r["metrics"]) == {"loss", "accuracy"} and set(r["train"]) == {
+            "train-loss",
+            "train-accuracy",
+        }
+    assert rounds[2]["metrics"]["loss"] < rounds[1]["metrics"]["loss"]
+    assert summary["best_round"]["by"] == "accuracy"
+    # What the ServerApp wrote in its working directory, and its own output (the table its
+    # dependency printed), came back with the run.
+    assert summary["app"]["output"] == ["output/final_model.npz"]
+    assert len(dict(np.load(run_dir / "output" / "final_model.npz"))) == 2
+    log = (run_dir / "serverapp.log").read_text()
+    assert "[ROUND 2/2]" in log and "Saved final_model.npz" in log
+    assert re.search(r"^\s+2\s+0\.\d+\s+0\.\d+$", log, re.M), log[-800:]
+    # flwr run got a copy: the app's own pyproject (with its federations table) is untouched.
+    assert (app / "pyproject.toml").read_bytes() == pyproject
+    assert running_processes_mentioning(str(project)) == []

@@ -55,6 +55,18 @@ def test_a_stack_of_your_own_machines(project: Path):
     assert stack.app.image_size == 128
 
 
+def test_a_stack_of_your_own_machines_running_your_own_flower_app(project: Path):
+    app = Path(__file__).parent / "fixtures" / "numpy-app"
+    done = fedfleet(
+        project, "init", "mine", "--kind", "hosts", *SITES, "--vm", "hospital-us=10.1.0.5",
+        "--vm", "hospital-eu=192.0.2.20", "--aggregator", "203.0.113.10", "--app", str(app), "--rounds", "4",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stack = load_stack(project, "mine")
+    assert stack.flower_app is not None and stack.flower_app.app.dir == app
+    assert stack.flower_app.overrides == {"num-server-rounds": 4} and stack.model is None
+
+
 def test_a_cloud_stack(project: Path, tmp_path: Path):
     key = tmp_path / "op.pub"
     key.write_text(SSH_KEY + "\n")
@@ -79,6 +91,11 @@ def test_a_cloud_stack(project: Path, tmp_path: Path):
         ([*SITES, "--classes", "a,b"], "give --data-path DIR"),
         ([*SITES, "--model", "models/none.py:build"], r"fedfleet:app.model: .*none.py does not exist"),
         (["--participant", "X@aws:us-east-1", *SITES], r"participants\[0\].name: 'X' must be"),
+        ([*SITES, "--app", "nowhere"], r"--app: .*nowhere is not a directory"),
+        (
+            [*SITES, "--app", str(Path(__file__).parent / "fixtures" / "numpy-app"), "--model", "m.py:f"],
+            r"give --app .* or --model .*, not both",
+        ),
     ],
 )
 def test_bad_answers_are_named_and_nothing_is_written(project: Path, args: list[str], message: str):

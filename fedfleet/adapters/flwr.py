@@ -8,6 +8,7 @@ register node keys with it).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -61,18 +62,42 @@ def write_run_config(path: Path, run_config: Mapping[str, str | int | float | bo
     return atomic_write(path, "".join(f"{key} = {toml_value(value)}\n" for key, value in run_config.items()))
 
 
-def stage_app(app_dir: Path, dest: Path, packages: Mapping[str, list[Path]]) -> Path:
-    """A copy of the Flower app in `app_dir` with more Python packages in it (name -> its
-    files), so that they travel inside the FAB `flwr run` builds (SuperNodes install the
-    app from it: nothing is copied to hosts by hand). `dest` is made afresh."""
+# What a FAB may hold (Flower's allow-list); the rest of an app directory (data, weights,
+# virtual environments) is not copied into the staged app.
+FAB_FILES = ("*.py", "*.toml", "*.md", "*.yaml", "*.yml", "*.json", "*.jsonl", "LICENSE", "LICENSE.md")
+FAB_SKIP_DIRS = (".venv", "venv", ".git", "__pycache__", ".flwr", "build", "dist", ".eggs", "node_modules")
+# Console scripts a Flower app's own environment needs: SuperExec starts them by name.
+APP_SCRIPTS = {"flwr-clientapp": "flwr.supernode.cli:flwr_clientapp"}
+
+
+def _fab_only(directory: str, names: list[str]) -> set[str]:
+    skip = set()
+    for name in names:
+        path = Path(directory, name)
+        if path.is_symlink():
+            skip.add(name)  # Flower leaves links out of a FAB too
+        elif path.is_dir():
+            if name in FAB_SKIP_DIRS or name.endswith(".egg-info"):
+                skip.add(name)
+        elif not any(fnmatch.fnmatch(name, pattern) for pattern in FAB_FILES):
+            skip.add(name)
+    return skip
+
+
+def stage_app(app_dir: Path, dest: Path, packages: Mapping[str, list[Path]] | None = None) -> Path:
+    """A copy of the Flower app in `app_dir` for `flwr run` (which rewrites the pyproject.toml
+    it is given when that has [tool.flwr.federations]: the copy has none, the user's app is
+    never touched), with more Python packages in it (name -> its files) that then travel
+    inside the FAB `flwr run` builds (SuperNodes install the app from it: nothing is copied
+    to hosts by hand). Only files a FAB may hold are copied. `dest` is made afresh."""
     if dest.exists():
         shutil.rmtree(dest)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".venv", ".flwr")
-    shutil.copytree(app_dir, dest, ignore=ignore)
+    shutil.copytree(app_dir, dest, ignore=_fab_only)
     pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    pyproject.get("tool", {}).get("flwr", {}).pop("federations", None)
     app = pyproject.setdefault("tool", {}).setdefault("flwr", {}).setdefault("app", {})
     include = list(app.get("fab-include", []))
-    for name, files in packages.items():
+    for name, files in (packages or {}).items():
         package = dest / name
         package.mkdir()
         (package / "__init__.py").write_text('"""Added to the app by fedfleet from the stack file."""\n')
@@ -125,8 +150,9 @@ class FlwrCli:
         except ValueError:
             return {"success": False, "error-message": (done.stdout + done.stderr).strip()[-2000:]}
 
-    def run(self, app_dir: Path, run_config: Path) -> int:
-        reply = self.call("run", str(app_dir), options=("--run-config", str(run_config)), timeout=120.0)
+    def run(self, app_dir: Path, run_config: Path | None) -> int:
+        options = ("--run-config", str(run_config)) if run_config is not None else ()
+        reply = self.call("run", str(app_dir), options=options, timeout=120.0)
         if not reply.get("success"):
             raise RunFailed(f"`flwr run` refused the app: {reply.get('error-message', reply)}")
         return int(reply["run-id"])
@@ -138,3 +164,9 @@ class FlwrCli:
 
     def stop(self, run_id: int) -> None:
         self.call("stop", str(run_id), timeout=30.0)
+
+    def log_command(self, run_id: int) -> tuple[list[str], dict[str, str]]:
+        """`flwr log RUN --stream` (argv, environment): the ServerApp's output as the SuperLink
+        keeps it, from the start, until the run finishes (then the process ends). The text
+        comes on stdout, Flower's own messages on stderr."""
+        return [tool("flwr"), "log", str(run_id), self.connection, "--stream"], flower_env(self.flwr_home)

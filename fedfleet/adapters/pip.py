@@ -11,6 +11,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from pathlib import Path
 from fedfleet.core.errors import EnvironmentProblem
 from fedfleet.core.util import atomic_write
 
+# The project's pins: what every environment fedfleet makes is constrained to.
+LOCK = Path(__file__).resolve().parents[2] / "requirements.lock"
 READY = ".complete"  # written last: a cache without it is half-made and is made again
 
 
@@ -88,3 +91,62 @@ def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     # entry's mode becomes theirs: a private 0700 here would undo their 0755 every time).
     info.mode = 0o755 if info.isdir() else 0o644
     return info
+
+
+APP_BASE_PTH = "_fedfleet_base.pth"
+
+
+def app_env(
+    dest: Path, requirements: Sequence[str], constraints: Path | None, scripts: dict[str, str]
+) -> Path:
+    """A Python environment for a Flower app of your own on this machine (the local stack's
+    emulated hosts run it): a venv that sees this environment's packages (Flower, torch) through
+    a .pth file and gets only what the app adds, installed by pip, so fedfleet's own stays as
+    `make setup` made it. `scripts` (name -> `module:function`) become console scripts run by
+    the env's Python. Made once per set of requirements; a half-made one is made again."""
+    if (dest / READY).exists():
+        return dest
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(dest)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise EnvironmentProblem(f"could not make the app's environment {dest}: {done.stderr.strip()[-400:]}")
+    python = dest / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    Path(site, APP_BASE_PTH).write_text(sysconfig.get_path("purelib") + "\n")
+    if requirements:
+        argv = [
+            sys.executable, "-m", "pip", "--python", str(python), "install", "--disable-pip-version-check",
+            "--no-input", "--only-binary=:all:", *(["--constraint", str(constraints)] if constraints else []),
+            *requirements,
+        ]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=1800)
+        if done.returncode != 0:
+            raise EnvironmentProblem(
+                f"could not install the app's dependencies ({', '.join(requirements)}) with pip: "
+                f"{_pip_error(done.stderr)}"
+            )
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        script = dest / "bin" / name
+        script.write_text(
+            f"#!{python}\nimport sys\nfrom {module} import {function}\n\nsys.exit({function}())\n"
+        )
+        script.chmod(0o755)
+    atomic_write(dest / READY, "\n".join(requirements) + "\n")
+    return dest
+
+
+def _pip_error(stderr: str) -> str:
+    """pip's own reason (its ERROR lines), else the end of what it said."""
+    errors = [line.removeprefix("ERROR: ") for line in stderr.splitlines() if line.startswith("ERROR:")]
+    return " ".join(errors)[-800:] if errors else stderr.strip()[-800:]

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedfleet import workflow
+from fedfleet.core import flowerapp
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.init import KINDS, InitSpec, Site
 from fedfleet.sandbox import free_ports
@@ -81,6 +82,9 @@ def command(
     model: str = typer.Option(
         "", "--model", help="Your network, path/to/file.py:function (default: the built-in CNN)."
     ),
+    app: str = typer.Option(
+        "", "--app", help="A Flower app of your own to deploy instead of the built-in one (its directory)."
+    ),
     ssh_user: str = typer.Option("fedfleet", "--ssh-user", help="hosts: the user fedfleet logs in as."),
     key_file: str = typer.Option("~/.ssh/fedfleet_ed25519", "--key-file", help="hosts: the private key."),
     operator_key: Path | None = typer.Option(None, "--operator-key", help="cloud: your SSH public key file."),
@@ -106,6 +110,10 @@ def command(
             public_key = operator_key.expanduser().read_text().strip()
         except OSError as err:
             raise ConfigError(f"--operator-key {operator_key}: cannot read it ({err.strerror})") from err
+    app_rounds = True
+    if app:
+        app = str((Path.cwd() / app).resolve()) if not Path(app).is_absolute() else app
+        app_rounds = flowerapp.load(Path(app), "--app").rounds_key is not None
     spec = InitSpec(
         name=name,
         kind=kind,
@@ -118,6 +126,8 @@ def command(
         image_size=image_size,
         channels=channels,
         model=model,
+        app=app,
+        app_rounds=app_rounds,
         aggregator=aggregator,
         ssh_user=ssh_user,
         key_file=key_file,

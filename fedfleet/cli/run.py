@@ -23,7 +23,11 @@ HELP = (
     "SuperLink and a SuperNode per participant, train, save every round's model, stop everything."
 )
 STACK_HELP = "Stack name: stacks/Pulumi.<stack>.yaml."
-ROUNDS_HELP = "Number of rounds (default: the stack's fedfleet:app num-server-rounds)."
+ROUNDS_HELP = "Number of rounds (default: the stack's fedfleet:app num-server-rounds, or the app's)."
+APP_HELP = (
+    "A Flower app of your own to run instead of the stack's (a directory with its pyproject.toml "
+    "and [tool.flwr.app]), deployed unchanged: as fedfleet:app.path in the stack file."
+)
 JSON_HELP = "Print the run's summary.json to stdout instead of the live display."
 
 
@@ -71,20 +75,17 @@ class LiveDisplay:
         state = self.state
         planned = state.rounds_planned if state else self.rounds or 0
         table = Table(title=None, box=None, header_style="bold", pad_edge=False)
-        for column in ("round", "loss", "accuracy", "F1", "precision", "recall", "seconds"):
+        columns = _metric_columns(state)
+        for column in ("round", *(label for _, label in columns), "seconds"):
             table.add_column(column, justify="right")
         if state is not None:
             for number in sorted(state.rounds):
                 record = state.rounds[number]
-                m = record.evaluation
+                m = record.evaluation or record.server or record.train
                 seconds = record.seconds
                 table.add_row(
                     str(number),
-                    f"{m['loss']:.3f}" if "loss" in m else "…",
-                    f"{m['accuracy']:.1%}" if "accuracy" in m else "…",
-                    f"{m['f1']:.3f}" if "f1" in m else "…",
-                    f"{m['precision']:.3f}" if "precision" in m else "…",
-                    f"{m['recall']:.3f}" if "recall" in m else "…",
+                    *(_cell(name, m) for name, _ in columns),
                     f"{seconds:.1f}" if seconds is not None else ("…" if number else "-"),
                 )
         done = state.completed_rounds if state else 0
@@ -111,10 +112,40 @@ class LiveDisplay:
         self._stop_live()
 
 
+BUILT_IN = (
+    ("loss", "loss"),
+    ("accuracy", "accuracy"),
+    ("f1", "F1"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+)
+
+
+def _metric_columns(state: RunState | None) -> tuple[tuple[str, str], ...]:
+    """The built-in app's five metrics, or the first five a foreign app reports."""
+    if state is None:
+        return BUILT_IN
+    seen: dict[str, None] = {}
+    for record in state.rounds.values():
+        for name in record.evaluation or record.server or record.train:
+            seen[name] = None
+    if not seen or set(seen) <= {name for name, _ in BUILT_IN}:
+        return BUILT_IN
+    return tuple((name, name) for name in list(seen)[:5])
+
+
+def _cell(name: str, metrics: dict[str, float]) -> str:
+    if name not in metrics:
+        return "…"
+    value = metrics[name]
+    return f"{value:.1%}" if name == "accuracy" else f"{value:.3f}" if abs(value) < 1000 else f"{value:.3g}"
+
+
 def command(
     ctx: typer.Context,
     stack: str = typer.Option("local", "--stack", help=STACK_HELP),
     rounds: int | None = typer.Option(None, "--rounds", min=1, help=ROUNDS_HELP),
+    app: Path | None = typer.Option(None, "--app", help=APP_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     from fedfleet.cli.app import project_dir
@@ -123,7 +154,7 @@ def command(
     console = Console(stderr=as_json)
     display = None if as_json else LiveDisplay(console, rounds)
     try:
-        summary = workflow.run(project, stack, rounds=rounds, observer=display)
+        summary = workflow.run(project, stack, rounds=rounds, observer=display, app=app)
     finally:
         if display is not None:
             display.close()
@@ -142,7 +173,20 @@ def _print_result(console: Console, summary: dict[str, Any]) -> None:
         f"{t['total_seconds']:.1f} s (training {t['training_seconds']:.1f} s, "
         f"{t['round_mean_seconds'] or 0:.1f} s per round)"
     )
-    if best:
+    app = summary.get("app")
+    if app is not None:
+        last = next((r for r in reversed(summary["rounds"]) if r["metrics"] or r.get("server_metrics")), None)
+        shown = ", ".join(
+            f"{k} {v:.4g}"
+            for k, v in ((last or {}).get("metrics") or (last or {}).get("server_metrics") or {}).items()
+        )
+        console.print(
+            f"app {app['app']} {app['version']}: " + (f"last round {shown}" if shown else app.get("note", ""))
+        )
+        if (run_dir / "output").is_dir():
+            console.print(f"the ServerApp's files: {run_dir / 'output'}")
+        console.print(f"the ServerApp's log: {run_dir / 'serverapp.log'}")
+    elif best:
         m = best["metrics"]
         console.print(
             f"best round {best['round']}: accuracy {m['accuracy']:.1%}, F1 {m['f1']:.3f}, "

@@ -46,6 +46,8 @@ class InitSpec:
     image_size: int = 64
     channels: int = 1
     model: str = ""  # path/to/file.py:function
+    app: str = ""  # a Flower app of your own: its directory (instead of the built-in app)
+    app_rounds: bool = True  # the app has num-server-rounds (what --rounds sets)
     aggregator: str = ""  # hosts kind: its address
     ssh_user: str = "fedfleet"
     key_file: str = "~/.ssh/fedfleet_ed25519"
@@ -82,7 +84,11 @@ class InitSpec:
                 "a cloud stack needs --operator-key (your SSH public key file) and --operator-cidr "
                 "(the network you administer from, e.g. 203.0.113.7/32)"
             )
-        if not self.demo and not self.classes:
+        if self.app and self.model:
+            raise ConfigError(
+                "give --app (a Flower app of your own) or --model (your network in the built-in app), not both"
+            )
+        if not self.demo and not self.classes and not self.app:
             raise ConfigError("with your own data, give --classes: the class names (the data's folder names)")
         if self.kind == "local" and not self.demo and not self.data_path:
             raise ConfigError(
@@ -243,6 +249,15 @@ def _participant(spec: InitSpec, site: Site, ports: object) -> list[str]:
 
 
 def _app(spec: InitSpec) -> list[str]:
+    if spec.app:
+        return [
+            "  fedfleet:app:                       # a Flower app of your own, deployed unchanged",
+            f"    path: {_q(spec.app)}",
+            "    config:                            # its run config ([tool.flwr.app.config]) to override",
+            f"      num-server-rounds: {spec.rounds}" if spec.app_rounds else "      {}",
+            "    nodeConfig: {}                     # more node config for every SuperNode; fedfleet sets",
+            "                                       # participant, vm, data-path, partition-id, num-partitions",
+        ]
     out = [
         "  fedfleet:app:                       # the training (fl/fedfleet_app/settings.py)",
         f"    num-server-rounds: {spec.rounds}",

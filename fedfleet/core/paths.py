@@ -15,7 +15,8 @@ and on the local stack the emulated hosts' disks:
     sites/<participant>/data/                (default data paths)
 
 The wheel cache for hosts that install offline is shared by every stack of a project:
-`.fedfleet/wheels/`.
+`.fedfleet/wheels/`; so are the environments of Flower apps of your own that the local stack's
+hosts run: `.fedfleet/appenvs/<key>/`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class StackPaths:
     @property
     def wheels(self) -> Path:
         return self.project / ".fedfleet" / "wheels"
+
+    def app_env(self, key: str) -> Path:
+        """The local stack's environment for a Flower app's dependencies (shared by stacks)."""
+        return self.project / ".fedfleet" / "appenvs" / key
 
     def report(self, playbook: str) -> Path:
         """The last result of a playbook (site.json, stop.json, probe.json)."""

@@ -26,7 +26,9 @@ class RoundRecord:
     train_sites: list[dict[str, Any]] = field(default_factory=list)
     evaluation: dict[str, float] = field(default_factory=dict)
     evaluation_sites: list[dict[str, Any]] = field(default_factory=list)
+    server: dict[str, float] = field(default_factory=dict)  # a foreign app's ServerApp-side evaluation
     model: str | None = None
+    trained: bool = False  # ended after its training (a foreign app's rounds may report no metrics)
 
     @property
     def seconds(self) -> float | None:
@@ -46,7 +48,7 @@ class RoundRecord:
     def to_dict(self) -> dict[str, Any]:
         compute = self.client_compute_seconds
         seconds = self.seconds
-        return {
+        out: dict[str, Any] = {
             "round": self.number,
             "metrics": self.evaluation,
             "train": self.train,
@@ -59,6 +61,9 @@ class RoundRecord:
                 "evaluate": self.evaluation_sites,
             },
         }
+        if self.server:
+            out["server_metrics"] = self.server
+        return out
 
 
 class RunState:
@@ -81,6 +86,8 @@ class RunState:
         at = float(event.get("time", 0.0))
         if kind == "started":
             self.status, self.started = "running", at
+        elif kind == "planned":  # a foreign app's rounds, as its strategy announces them
+            self.rounds_planned = int(event["rounds"])
         elif kind == "nodes":
             self.nodes = list(event.get("nodes", []))
         elif kind == "round-start":
@@ -94,9 +101,14 @@ class RunState:
             record = self._round(int(event["round"]))
             record.evaluation = {k: float(v) for k, v in event.get("metrics", {}).items()}
             record.evaluation_sites = list(event.get("sites", []))
+        elif kind == "server-evaluated":
+            self._round(int(event["round"])).server = {
+                k: float(v) for k, v in event.get("metrics", {}).items()
+            }
         elif kind == "round-end":
             record = self._round(int(event["round"]))
             record.ended, record.model = at, event.get("model")
+            record.trained = bool(event.get("trained", False))
         elif kind == "errors":
             self.errors.extend(
                 {"round": event.get("round"), "phase": event.get("phase"), **e}
@@ -114,9 +126,15 @@ class RunState:
             self.error = str(event.get("error"))
 
     @property
+    def metrics_reported(self) -> bool:
+        return any(r.train or r.evaluation or r.server for r in self.rounds.values())
+
+    @property
     def completed_rounds(self) -> int:
         """Rounds whose training finished and whose model was saved."""
-        return sum(1 for n, r in self.rounds.items() if n > 0 and r.ended is not None and r.train)
+        return sum(
+            1 for n, r in self.rounds.items() if n > 0 and r.ended is not None and (r.train or r.trained)
+        )
 
     def best_round(self, metric: str = "accuracy") -> int | None:
         """Highest `metric` (lowest for loss); ties go to the lower loss, then the later round."""
@@ -164,9 +182,11 @@ class RunRecord:
     error: str | None = None
     configure: dict[str, Any] | None = None
     flower_run_id: int | None = None
+    flower_status: dict[str, Any] | None = None  # a foreign app's run as `flwr ls` ends it
     stop: dict[str, Any] | None = None
     stop_error: str | None = None
     model: dict[str, Any] | None = None  # the stack's own network (None: the built-in CNN)
+    app: dict[str, Any] | None = None  # a Flower app of the user's own (None: the built-in app)
     orchestration: dict[str, Any] | None = None
     collect_errors: list[str] = field(default_factory=list)
 
@@ -201,12 +221,24 @@ class RunRecord:
             "settings": self.settings,
             "aggregator": self.aggregator,
             "participants": [_with_examples(p, state) for p in self.participants],
-            "model": self.model or {"model": "built-in CNN (fedfleet_app.task.Net)"},
         }
+        if self.app is None:
+            out["model"] = self.model or {"model": "built-in CNN (fedfleet_app.task.Net)"}
+        else:
+            reported = state.metrics_reported
+            out["app"] = self.app | {
+                "metrics_reported": reported,
+                **(
+                    {}
+                    if reported
+                    else {"note": "the app's ServerApp logged no metrics Flower's strategies log"}
+                ),
+            }
         optional = {
             "error": self.error,
             "configure": self.configure,
             "flower_run_id": self.flower_run_id,
+            "flower_status": self.flower_status,
             "stop": self.stop,
             "stop_error": self.stop_error,
             "orchestration": self.orchestration,

@@ -11,7 +11,8 @@ Schema (keys under `config:`, project `fedfleet`; see Pulumi.yaml for every key)
     fedfleet:participants   [{name, cloud, region, location, dataPath, cidr, bastion,
                               vms: [{name, vcpu, memoryGib, diskGib, port}]}]
     fedfleet:data           {demo: {partition, alpha, seed}}   (omit demo for real data)
-    fedfleet:app            the Flower app's run config (fl/fedfleet_app/settings.py)
+    fedfleet:app            the built-in app's run config (fl/fedfleet_app/settings.py) and
+                            model, or {path, config, nodeConfig}: a Flower app of your own
     fedfleet:placement      the user's limits for `fedfleet plan`
     fedfleet:local          {root, host, warmWorkers}: present only in a local stack,
                             whose VMs are emulated on this machine
@@ -29,7 +30,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from fedfleet_app.settings import AppSettings, SettingsError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from fedfleet.core import flowerapp
 from fedfleet.core.catalog import CLOUDS
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.placement.problem import Currency, Requirements
@@ -44,6 +46,7 @@ from fedfleet.core.selection import Minimums
 from fedfleet.core.util import closest
 
 PROJECT = "fedfleet"
+Scalar = flowerapp.Scalar
 LOCAL = "local"
 LOCAL_NETWORKS = ("loopback", "namespaces")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
@@ -147,6 +150,8 @@ class Participant:
     vms: tuple[VMSpec, ...]
     cidr: str | None = None  # cloud stacks: the site's private network
     egress_cidr: str | None = None  # own hosts: the public addresses they reach a cloud aggregator from
+    # Node config for this participant's SuperNode (with the stack's app.nodeConfig).
+    node_config: Mapping[str, Scalar] = field(default_factory=dict)
     # Cloud sites: an SSH bastion, the controller's way to the VMs' private addresses (False:
     # the operator reaches them another way, a VPN or an ssh.jumpHost of their own; always
     # False where fedfleet creates no site: the local stack, VMs given by address).
@@ -226,6 +231,36 @@ class ModelSource:
         return f"{MODELS_PACKAGE}.{self.file.stem}:{self.function}"
 
 
+# Node-config keys fedfleet gives every SuperNode of a Flower app of your own.
+NODE_KEYS = ("participant", "vm", "data-path", "partition-id", "num-partitions")
+RESERVED_NODE_KEYS = ("participant", "vm", "data-path", "worker-socket", "worker-key")
+
+
+@dataclass(frozen=True)
+class AppSource:
+    """A Flower app of the user's own (`fedfleet:app.path` or `fedfleet run --app`): deployed
+    unchanged, with the stack's run-config overrides and node config."""
+
+    app: flowerapp.FlowerApp
+    run_config: dict[str, Scalar]  # the app's defaults with the stack's overrides
+    overrides: dict[str, Scalar]  # what the stack (or --rounds) changed: passed to `flwr run`
+    node_config: dict[str, Scalar]  # every SuperNode's (app.nodeConfig)
+    where: str  # the stack key (or option) that named it
+
+    def node_config_for(self, participants: Sequence[Participant]) -> dict[str, dict[str, Scalar]]:
+        """Each participant's node config beyond what the SuperNode role sets on every node
+        (participant, vm and data-path, the last as the site's path on its host)."""
+        out = {}
+        for index, p in enumerate(participants):
+            out[p.name] = {
+                "partition-id": index,
+                "num-partitions": len(participants),
+                **self.node_config,
+                **p.node_config,
+            }
+        return out
+
+
 @dataclass(frozen=True)
 class StackConfig:
     name: str
@@ -239,6 +274,7 @@ class StackConfig:
     operator: Operator | None = None
     orchestrator: Orchestrator = Orchestrator()
     model: ModelSource | None = None
+    flower_app: AppSource | None = None  # None: the built-in app (fl/)
 
     @property
     def is_local(self) -> bool:
@@ -349,7 +385,14 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
             "it and set fedfleet:app.classes",
             f"{PROJECT}:data.demo",
         )
-    app, model = _app(r.child("app", default={}), len(participants), demo, path.parent.parent)
+    app_r = r.child("app", default={})
+    source = None
+    if isinstance(app_r.value, Mapping) and "path" in app_r.value:
+        app, model = AppSettings.from_run_config({"min-participants": max(1, len(participants) - 1)}), None
+        source = _flower_app(app_r, path.parent.parent)
+        app = with_rounds(app, source)
+    else:
+        app, model = _app(app_r, len(participants), demo, path.parent.parent)
     placement = _placement(r.child("placement", default={}), path.parent.parent)
     local = _local(r.child("local")) if is_local else None
     orchestrator = _orchestrator(r.child("orchestrator", default={}))
@@ -362,7 +405,18 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
                 f"and {vms} VMs; use a larger network (like {LocalSettings.subnet})"
             )
     return StackConfig(
-        stack, path, aggregator, participants, app, demo, placement, local, operator, orchestrator, model
+        stack,
+        path,
+        aggregator,
+        participants,
+        app,
+        demo,
+        placement,
+        local,
+        operator,
+        orchestrator,
+        model,
+        source,
     )
 
 
@@ -556,9 +610,7 @@ def _participants(r: _Reader, *, local: bool, ssh: SSHSettings | None) -> tuple[
     participants: list[Participant] = []
     seen_vms: dict[str, str] = {}
     for item in items:
-        item.only(
-            ("name", "cloud", "region", "location", "dataPath", "cidr", "egressCidr", "bastion", "ssh", "vms")
-        )
+        item.only(PARTICIPANT_KEYS)
         name = _name(item)
         if any(p.name == name for p in participants):
             raise item.child("name").fail(f"participant name {name!r} is used twice")
@@ -631,6 +683,7 @@ def _participants(r: _Reader, *, local: bool, ssh: SSHSettings | None) -> tuple[
                 cidr=_cidr(item, "cidr") if "cidr" in item.value and not existing else None,
                 egress_cidr=_cidr(item, "egressCidr") if "egressCidr" in item.value else None,
                 bastion=bastion,
+                node_config=_node_config(item.child("nodeConfig", default={})),
             )
         )
         if existing and "cidr" in item.value:
@@ -794,6 +847,105 @@ def _app(
             f"{r.key}.min-participants",
         )
     return app, model
+
+
+APP_KEYS = ("path", "config", "nodeConfig")
+PARTICIPANT_KEYS = (
+    "name", "cloud", "region", "location", "dataPath", "cidr", "egressCidr", "bastion", "ssh", "vms", "nodeConfig",
+)  # fmt: skip
+
+
+def _flower_app(r: _Reader, project_dir: Path) -> AppSource:
+    """`fedfleet:app: {path, config, nodeConfig}`: a Flower app of your own."""
+    for key in r.value:
+        if key not in APP_KEYS:
+            raise r.fail(
+                "is a setting of fedfleet's built-in app; a Flower app of your own (app.path) takes "
+                "its settings from its pyproject.toml: override them under app.config",
+                f"{r.key}.{key}",
+            )
+    node = r.child("path")
+    if not isinstance(node.value, str) or not node.value.strip():
+        raise node.fail(f"must be the directory of a Flower app (got {node.value!r})")
+    directory = Path(node.value).expanduser()
+    app = flowerapp.load(
+        directory if directory.is_absolute() else project_dir / directory, f"{r.path}: {node.key}"
+    )
+    config = r.child("config", default={})
+    if not isinstance(config.value, Mapping):
+        raise config.fail(
+            f"must be a mapping of run-config keys to values (got {type(config.value).__name__})"
+        )
+    overrides = dict(config.value)
+    return AppSource(
+        app=app,
+        run_config=flowerapp.run_config(app, overrides, f"{r.path}: {config.key}"),
+        overrides=overrides,
+        node_config=_node_config(r.child("nodeConfig", default={})),
+        where=f"{r.path}: {node.key}",
+    )
+
+
+def flower_app_from(directory: Path, stack: StackConfig) -> StackConfig:
+    """`fedfleet run --app DIR`: the stack with the Flower app in `directory` (the stack's own
+    app.config and app.nodeConfig apply when the stack names an app too)."""
+    app = flowerapp.load(directory.expanduser().resolve(), "--app")
+    given = stack.flower_app
+    overrides = given.overrides if given is not None else {}
+    where = f"{stack.path}: {PROJECT}:app.config"
+    source = AppSource(
+        app=app,
+        run_config=flowerapp.run_config(app, overrides, where),
+        overrides=dict(overrides),
+        node_config=given.node_config if given is not None else {},
+        where="--app",
+    )
+    settings = AppSettings.from_run_config({"min-participants": stack.app.min_participants})
+    return replace(stack, flower_app=source, model=None, app=with_rounds(settings, source))
+
+
+def with_rounds(settings: AppSettings, source: AppSource) -> AppSettings:
+    """The built-in settings fedfleet's own timing uses, with the app's rounds where it says."""
+    key = source.app.rounds_key
+    rounds = source.run_config.get(key) if key else None
+    if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1:
+        return replace(settings, num_server_rounds=rounds)
+    return settings
+
+
+def set_rounds(source: AppSource, rounds: int) -> AppSource:
+    """`--rounds N` for a Flower app of your own: its num-server-rounds (if it has one)."""
+    key = source.app.rounds_key
+    if key is None:
+        raise ConfigError(
+            f"--rounds: {source.app.pyproject} [tool.flwr.app.config] has no num-server-rounds; "
+            "set the app's own key under app.config in the stack file instead"
+        )
+    overrides = {**source.overrides, key: rounds}
+    return replace(
+        source, overrides=overrides, run_config=flowerapp.run_config(source.app, overrides, "--rounds")
+    )
+
+
+def _node_config(r: _Reader) -> dict[str, Scalar]:
+    if not isinstance(r.value, Mapping):
+        raise r.fail(f"must be a mapping of node-config keys to values (got {type(r.value).__name__})")
+    out: dict[str, Scalar] = {}
+    for key, value in r.value.items():
+        if key in RESERVED_NODE_KEYS:
+            raise r.fail(
+                "is set by fedfleet for each SuperNode (data-path from the participant's dataPath); "
+                "remove it",
+                f"{r.key}.{key}",
+            )
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", key):
+            raise r.fail(f"{key!r} is not a node-config key (letters, digits, '_', '-', '.')")
+        if not isinstance(value, (str, int, float, bool)):
+            raise r.fail(
+                f"must be a string, number or boolean (got {type(value).__name__})", f"{r.key}.{key}"
+            )
+        out[key] = value
+    return out
 
 
 def _model(r: _Reader, project_dir: Path) -> ModelSource:

@@ -21,7 +21,9 @@ from fedfleet.hosts.base import Host
 
 # What fedfleet itself writes in a run directory: what the aggregator sends is never
 # allowed to take these names.
-OWN = frozenset({"summary.json", "run_config.toml", "logs"})
+APP_OUTPUT = "output"  # a Flower app of your own: its ServerApp's working directory
+SERVERAPP_LOG = "serverapp.log"  # and its output, as the SuperLink kept it
+OWN = frozenset({"summary.json", "run_config.toml", "logs", SERVERAPP_LOG})
 
 
 def results(aggregator: Host, server_out: str, run_dir: Path) -> list[str]:

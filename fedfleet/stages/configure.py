@@ -24,6 +24,7 @@ from fedfleet.adapters import ansible, pip
 from fedfleet.adapters.flwr import FlwrCli
 from fedfleet.adapters.pki import ensure_server_tls
 from fedfleet.core.errors import FedfleetError
+from fedfleet.core.flowerapp import FlowerApp, env_key
 from fedfleet.core.inventory import Inventory
 from fedfleet.core.network import Network, plan
 from fedfleet.core.paths import StackPaths, data_path, socket_path
@@ -32,7 +33,7 @@ from fedfleet.hosts.base import Host
 
 REPO = Path(__file__).resolve().parents[2]
 APP_PACKAGE = REPO / "fl" / "fedfleet_app"
-LOCK = REPO / "requirements.lock"
+LOCK = pip.LOCK
 # A relative dataPath on a real host is under the site's data disk (mounted here by the site).
 REMOTE_DATA = "/srv/fedfleet"
 # What a host's environment needs: Flower, torch and the app's own dependencies (the role
@@ -72,13 +73,19 @@ def host_requirements() -> list[str]:
     return [f"{name}=={locked[name]}" for name in HOST_PACKAGES]
 
 
-def wheel_cache(paths: StackPaths) -> Path:
+def wheel_cache(paths: StackPaths, app: FlowerApp | None = None) -> Path:
     """The wheels of the hosts' packages for this controller's Python, as the archive hosts
-    get (built once; the name says what is in it)."""
-    requirements = [*host_requirements(), f"supervisor=={pins()['supervisor']}"]
+    get (built once; the name says what is in it), with a Flower app's own dependencies."""
+    requirements = [*host_requirements(), f"supervisor=={pins()['supervisor']}", *app_requirements(app)]
     digest = hashlib.sha256(("\n".join(requirements) + pip.python_tag()).encode()).hexdigest()[:12]
     cache = pip.build_cache(paths.wheels / f"{pip.python_tag()}-{digest}", requirements, LOCK)
     return pip.archive(cache)
+
+
+def app_requirements(app: FlowerApp | None) -> list[str]:
+    """What a Flower app of your own adds to the hosts' packages (its [project].dependencies,
+    but Flower itself, which the hosts have)."""
+    return list(app.dependencies) if app is not None else []
 
 
 def app_archive(paths: StackPaths) -> Path:
@@ -129,6 +136,9 @@ def ansible_inventory(
         "flower_supernode_min_vcpu": stack.orchestrator.minimums.vcpu,
         "flower_supernode_min_memory_mib": round(stack.orchestrator.minimums.memory_gib * 1024),
     }
+    source = stack.flower_app
+    if source is not None:  # a Flower app of your own: no warm worker, its own dependencies
+        shared["flower_supernode_worker_enabled"] = False
     if stack.is_local:
         shared |= {
             "flower_common_venv": sys.prefix,
@@ -136,19 +146,23 @@ def ansible_inventory(
             "flower_common_create_user": False,
             "flower_common_service_manager": "supervisor",
         }
+        if source is not None:  # its environment (the preflight made it) first on the PATH
+            shared["flower_common_app_bin"] = str(paths.app_env(env_key(source.app)) / "bin")
     else:
         shared |= {
             "flower_supernode_app_src": str(app_archive(paths)),
-            "flower_common_packages": host_requirements(),
+            "flower_common_packages": host_requirements() + app_requirements(source.app if source else None),
         }
         if wheels is not None:
             shared |= {"flower_common_wheel_src": str(wheels), "flower_common_wheel_python": pip.python_tag()}
     net = plan(stack, paths.root) if stack.is_local else None
     participants: dict[str, Any] = {}
+    node_config = source.node_config_for(stack.participants) if source is not None else {}
     for participant in stack.participants:
+        extra = {"flower_supernode_node_config": node_config[participant.name]} if node_config else {}
         participants[_group(participant.name)] = {
             "hosts": {
-                vm.name: _vm_vars(stack, paths, hosts[vm.name], vm.name, net)
+                vm.name: _vm_vars(stack, paths, hosts[vm.name], vm.name, net) | extra
                 for vm in inventory.participants[participant.name]
                 if vm.name in hosts
             }
@@ -205,7 +219,7 @@ def _vm_vars(
             "flower_supernode_data_path": str(data_path(stack, paths.project, participant.name)),
             "flower_supernode_runtime_host": stack.local.host,
             "flower_supernode_runtime_port": spec.port,
-            "flower_supernode_worker_enabled": stack.local.warm_workers,
+            "flower_supernode_worker_enabled": stack.local.warm_workers and stack.flower_app is None,
             "flower_supernode_worker_socket": str(socket_path(home, "worker")),
             # Namespaces mode: the VM's services run in its own network namespace.
             "flower_common_netns": net.namespace(name) if net else "",

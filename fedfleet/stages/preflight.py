@@ -8,6 +8,9 @@ trained on are reported by the rounds.
 
 The SuperLink's port on the local stack (on real hosts the SuperLink role checks it).
 
+A Flower app of your own (`fedfleet:app.path`): the node config it reads, its dependencies
+(installed into its own environment here) and its components, which must import there.
+
 The stack's own model (`fedfleet:app.model`): built once here, in a process of its own
 (torch, and the user's code, stay out of fedfleet's), and fed a batch of the stack's
 image size: a factory that is missing, fails, or gives the wrong number of outputs is
@@ -20,14 +23,18 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from fedfleet_app import data as app_data
 from fedfleet_app.settings import AppSettings
 
+from fedfleet.adapters import pip
+from fedfleet.adapters.flwr import APP_SCRIPTS, flower_env
+from fedfleet.core import flowerapp
 from fedfleet.core.errors import ConfigError, DataError, EnvironmentProblem
-from fedfleet.core.paths import data_path
-from fedfleet.core.stack import PROJECT, StackConfig
+from fedfleet.core.paths import StackPaths, data_path
+from fedfleet.core.stack import NODE_KEYS, PROJECT, StackConfig
 from fedfleet.hosts.base import Host
 
 
@@ -44,6 +51,15 @@ def data(stack: StackConfig, project_dir: Path, settings: AppSettings) -> dict[s
             seed=stack.demo.seed,
             test_fraction=settings.test_fraction,
         )
+    if stack.flower_app is not None:  # it reads its data its own way: the directory must exist
+        for index, (name, path) in enumerate(paths.items()):
+            if not path.is_dir():
+                raise DataError(
+                    f"participant {name!r} ({stack.path}: {PROJECT}:participants[{index}].dataPath "
+                    f"= {path}) is not a directory: the SuperNode passes it to the app as node config "
+                    "data-path; create it, or point dataPath at the site's data"
+                )
+        return {}
     counts = {}
     for index, (name, path) in enumerate(paths.items()):
         try:
@@ -123,3 +139,88 @@ def model(stack: StackConfig, settings: AppSettings) -> dict[str, object] | None
             "as function(num_classes=, channels=, image_size=) and returns a torch.nn.Module)"
         )
     return {"model": source.setting, "class": reply["class"], "parameters": reply["parameters"]}
+
+
+APP_CHECK = """
+import importlib, json, sys, traceback
+app_dir, refs = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, app_dir)
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+kinds = {"serverapp": ServerApp, "clientapp": ClientApp}
+for key, ref in refs.items():
+    module, _, attr = ref.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except BaseException as err:
+        last = traceback.format_exception_only(type(err), err)[-1].strip()
+        print(json.dumps({"ok": False, "key": key, "error": f"importing {ref} failed: {last}"}))
+        sys.exit(0)
+    if not isinstance(obj, kinds[key]):
+        print(json.dumps({"ok": False, "key": key,
+                          "error": f"{ref} is a {type(obj).__name__}, not a Flower {kinds[key].__name__}"}))
+        sys.exit(0)
+print(json.dumps({"ok": True}))
+"""
+
+
+def flower_app(stack: StackConfig, paths: StackPaths) -> dict[str, object]:
+    """A Flower app of your own, checked before any host is touched: every node-config key
+    its code reads without a default is set for every participant; its dependencies install
+    (into its own environment on this machine, which the local stack's hosts run it in);
+    its ServerApp and ClientApp import there and are what Flower runs. What it is, for the
+    run's summary."""
+    source = stack.flower_app
+    assert source is not None
+    app = source.app
+    given = {
+        p: set(NODE_KEYS) | set(config) for p, config in source.node_config_for(stack.participants).items()
+    }
+    for read, lacking in flowerapp.missing_node_config(app, given):
+        raise ConfigError(
+            f"{read.file}:{read.line} reads context.node_config[{read.key!r}], which no SuperNode of "
+            f"{', '.join(lacking)} would have: set it in {stack.path} under {PROJECT}:app.nodeConfig "
+            f"(every participant) or {PROJECT}:participants[i].nodeConfig (one), or read it with "
+            f".get({read.key!r}, default) in the app. fedfleet sets {', '.join(NODE_KEYS)}"
+        )
+    try:
+        env = pip.app_env(
+            paths.app_env(flowerapp.env_key(app)), list(app.dependencies), pip.LOCK, dict(APP_SCRIPTS)
+        )
+    except EnvironmentProblem as err:
+        raise ConfigError(
+            f"{app.pyproject}: [project] dependencies: {err}. Fix the requirement, or make the "
+            "package available to pip on this machine (an index or find-links)"
+        ) from err
+    refs = {"serverapp": app.serverapp, "clientapp": app.clientapp}
+    argv = [str(env / "bin" / "python"), "-c", APP_CHECK, str(app.dir), json.dumps(refs)]
+    with tempfile.TemporaryDirectory(prefix="fedfleet-appcheck-") as scratch:
+        try:
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=300, check=False, cwd=scratch,
+                env=flower_env(Path(scratch) / "flwr-home"),
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"{app.pyproject}: importing the app's components took over 300 s") from None
+    lines = done.stdout.strip().splitlines()
+    reply = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+    if reply is None:
+        raise ConfigError(
+            f"{app.pyproject}: checking the app's components failed: "
+            + (done.stderr.strip().splitlines() or ["no output"])[-1]
+        )
+    if not reply["ok"]:
+        raise ConfigError(
+            f"{app.pyproject}: [tool.flwr.app.components] {reply['key']}: {reply['error']}. The app's "
+            f"directory is on the path ({app.dir}) and its dependencies are installed: fix the module or "
+            "the reference"
+        )
+    return {
+        "app": app.fab_id,
+        "version": app.version,
+        "path": str(app.dir),
+        "given_as": source.where,
+        "dependencies": list(app.dependencies),
+    }

@@ -1,16 +1,22 @@
-"""Train: submit the app with the operator's `flwr run`, then follow the ServerApp's events.
+"""Train: submit the app with the operator's `flwr run`, then follow the ServerApp's progress.
 
-The ServerApp (on the aggregator) appends one JSON event per line to `events.jsonl` in
-its output directory; they are read from the aggregator as they come (a local file, or
-over the aggregator's SSH connection) and turned into the live per-round display. The
-hosts are watched about once a second meanwhile (the fleet's `check`, which may start a
-replacement SuperNode), and the SuperLink is asked for the run's status when the events
-go quiet.
+The built-in ServerApp (on the aggregator) appends one JSON event per line to
+`events.jsonl` in its output directory; they are read from the aggregator as they come (a
+local file, or over the aggregator's SSH connection). A Flower app of your own knows
+nothing of that: its progress is read from the ServerApp's log as the SuperLink serves it
+(`flwr log --stream`, parsed by `core.flowerlog`), and its outcome from the SuperLink's run
+status. Either way the events become the live per-round display. The hosts are watched
+about once a second meanwhile (the fleet's `check`, which may start a replacement
+SuperNode), and the SuperLink is asked for the run's status when the events go quiet.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +25,9 @@ from typing import Any, Protocol
 from fedfleet_app.settings import AppSettings
 
 from fedfleet.adapters.flwr import FlwrCli
+from fedfleet.adapters.processes import Managed, ProcessGroup
 from fedfleet.core.errors import RunFailed
+from fedfleet.core.flowerlog import LogReader
 from fedfleet.core.records import RunState
 from fedfleet.hosts.base import Host
 
@@ -52,13 +60,104 @@ class EventTail:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def submit(cli: FlwrCli, app_dir: Path, run_config: Path) -> int:
+class LogTail:
+    """A Flower app's progress from its ServerApp's log: `flwr log --stream` (started once,
+    again if it breaks before the run ends, skipping what was already read), parsed into
+    the same events as the built-in app's. When the stream ends the SuperLink says how the
+    run finished."""
+
+    RESTARTS = 5
+
+    def __init__(self, cli: FlwrCli, flower_run_id: int, procs: ProcessGroup, log: Path) -> None:
+        self.cli, self.run_id, self.procs, self.log = cli, flower_run_id, procs, log
+        self.reader = LogReader()
+        self.fed = 0  # bytes of the stream parsed so far (a restarted stream starts over)
+        self.skip = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.proc: Managed | None = None
+        self.chunks: queue.Queue[bytes | None] = queue.Queue()
+        self.restarts = 0
+        self.done = False
+        self.status: dict[str, Any] = {}
+
+    def _start(self) -> None:
+        argv, env = self.cli.log_command(self.run_id)
+        self.proc = self.procs.start("flwr log (the ServerApp's output)", argv, env, self.log, pipes=True)
+        if self.proc.popen.stdin is not None:
+            self.proc.popen.stdin.close()
+        stdout = self.proc.popen.stdout
+        assert stdout is not None
+        chunks = self.chunks = queue.Queue()
+        self.skip = self.fed
+
+        def pump() -> None:
+            fd = stdout.fileno()
+            while chunk := os.read(fd, 65536):
+                chunks.put(chunk)
+            chunks.put(None)
+
+        threading.Thread(target=pump, name="flwr-log", daemon=True).start()
+
+    def read(self) -> list[dict[str, Any]]:
+        if self.done:
+            return []
+        if self.proc is None:
+            self._start()
+        ended = False
+        data = b""
+        while True:
+            try:
+                chunk = self.chunks.get_nowait()
+            except queue.Empty:
+                break
+            if chunk is None:
+                ended = True
+                break
+            data += chunk
+        if self.skip:
+            dropped = data[: self.skip]
+            data = data[self.skip :]
+            self.skip -= len(dropped)
+        self.fed += len(data)
+        events = self.reader.feed(self.decoder.decode(data))
+        if ended:
+            events += self._ended()
+        return events
+
+    def _ended(self) -> list[dict[str, Any]]:
+        """The stream closed: the run finished (as the SuperLink says), or the stream broke."""
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+        self.status = self.cli.status(self.run_id)
+        state = str(self.status.get("status", ""))
+        if not state.startswith("finished"):
+            if self.restarts < self.RESTARTS:
+                self.restarts += 1
+                self._start()
+                return []
+            self.done = True
+            return [{"event": "failed", "time": time.time(), "error": f"the ServerApp's log stream "
+                     f"(`flwr log`) kept breaking; see {self.log}"}]  # fmt: skip
+        self.done = True
+        events = self.reader.feed(self.decoder.decode(b"", final=True)) + self.reader.close()
+        if state == "finished:completed":
+            return [*events, {"event": "finished", "time": time.time()}]
+        details = self.status.get("status-details") or "no details"
+        return [*events, {"event": "failed", "time": time.time(), "error": f"Flower says {state}: {details}"}]
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
+
+
+def submit(cli: FlwrCli, app_dir: Path, run_config: Path | None) -> int:
     """`flwr run`: the app as a FAB to the SuperLink; Flower's run ID."""
     return cli.run(app_dir, run_config)
 
 
 def follow(
-    tail: EventTail,
+    tail: EventTail | LogTail,
     state: RunState,
     display: Display,
     cli: FlwrCli,
@@ -92,8 +191,13 @@ def follow(
         if now - last_news > STATUS_CHECK_AFTER:
             status = cli.status(flower_run_id)
             if str(status.get("status", "")).startswith("finished"):
-                for event in tail.read():
-                    state.apply(event)
+                # What the ServerApp wrote last may still be on its way (a log stream closes
+                # within a second of the run's end).
+                settle = time.monotonic() + 10.0
+                while state.status not in ("finished", "failed") and time.monotonic() < settle:
+                    for event in tail.read():
+                        state.apply(event)
+                    time.sleep(EVENT_POLL)
                 if state.status == "finished":
                     return
                 raise RunFailed(
