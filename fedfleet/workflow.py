@@ -27,6 +27,7 @@ import contextlib
 import datetime as dt
 import json
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from fedfleet.adapters import ansible
 from fedfleet.adapters.flwr import FlwrCli, stage_app, tool, write_run_config
 from fedfleet.adapters.processes import ProcessGroup, reap_leftovers
 from fedfleet.core.errors import ConfigError, FedfleetError
+from fedfleet.core.flowerapp import shown as shown_requirement
 from fedfleet.core.init import InitSpec
 from fedfleet.core.init import render as render_stack
 from fedfleet.core.inventory import Inventory
@@ -190,8 +192,10 @@ def run(
     if stack.model is not None:  # before any host is touched
         observer.stage("model", f"{stack.model.setting}: built once for the stack's image size")
     model = preflight.model(stack, settings)
-    app_info = _check_app(stack, project_dir, observer)
-    with session(stack, project_dir, say=observer.stage) as s:
+    with (
+        checked_app(stack, project_dir, observer) as (app_info, staged),
+        session(stack, project_dir, say=observer.stage) as s,
+    ):
         observer.stage(
             "probe",
             f"{len(s.inventory.vms())} VMs (playbooks/probe.yml), then one per participant, round-robin",
@@ -215,18 +219,33 @@ def run(
         timings.mark("setup")
         record = _record(stack, settings, s.inventory, planned, order, verdicts, sites)
         record.model, record.app = model, app_info
-        return Run(s, RunPlan(settings, verdicts, order, wheels), record, timings, observer).go()
+        return Run(s, RunPlan(settings, verdicts, order, wheels, staged), record, timings, observer).go()
 
 
-def _check_app(stack: StackConfig, project_dir: Path, observer: Observer) -> dict[str, Any] | None:
-    """A Flower app of your own, checked (and its environment made) before any host is touched."""
+@contextmanager
+def checked_app(
+    stack: StackConfig, project_dir: Path, observer: Observer
+) -> Iterator[tuple[dict[str, Any] | None, Path | None]]:
+    """A Flower app of your own, checked (and its environment made) before any host is touched:
+    what it is, and the copy `flwr run` gets (this command's own, removed at the end)."""
     source = stack.flower_app
     if source is None:
-        return None
+        yield None, None
+        return
     app = source.app
-    extra = f", installing {', '.join(app.dependencies)}" if app.dependencies else ""
-    observer.stage("app", f"{app.fab_id} {app.version} from {app.dir}: node config, components{extra}")
-    return preflight.flower_app(stack, stack_paths(stack, project_dir))
+    extra = f", installing {', '.join(map(shown_requirement, app.dependencies))}" if app.dependencies else ""
+    observer.stage(
+        "app", f"{app.fab_id} {app.version} from {app.dir}: its FAB, node config, components{extra}"
+    )
+    paths = stack_paths(stack, project_dir)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".app-", dir=paths.root))
+    staged = scratch / app.name  # `flwr build` wants the directory named as the app
+    try:
+        stage_app(app.dir, staged)
+        yield preflight.flower_app(stack, project_dir, paths, staged), staged
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _placement(stack: StackConfig, observer: Observer) -> dict[str, Any]:
@@ -302,6 +321,7 @@ class RunPlan:
     verdicts: dict[str, list[Verdict]]
     order: dict[str, list[str]]
     wheels: Path | None
+    staged: Path | None = None  # a Flower app of your own: the copy `flwr run` gets
 
 
 class Run:
@@ -387,12 +407,9 @@ class Run:
                 self.run_dir / "run_config.toml", settings.to_run_config()
             )
             shown = "fl/" if self.s.stack.model is None else f"fl/ with {self.s.stack.model.setting}"
-        else:  # only what the stack changes: Flower refuses keys the app does not declare
-            run_config = (
-                write_run_config(self.run_dir / "run_config.toml", foreign.overrides)
-                if foreign.overrides
-                else None
-            )
+        else:  # only what the stack changes (as checked): Flower refuses keys the app lacks
+            changed = {key: foreign.run_config[key] for key in foreign.overrides}
+            run_config = write_run_config(self.run_dir / "run_config.toml", changed) if changed else None
             shown = f"{foreign.app.dir} ({foreign.app.fab_id})"
         self.observer.stage("submit", f"flwr run {shown}")
         self.record.flower_run_id = train.submit(cli, self._app(), run_config)
@@ -405,11 +422,16 @@ class Run:
             tail = train.LogTail(
                 cli, self.record.flower_run_id, self.s.procs, self.run_dir / "logs" / "flwr-log.log"
             )
+        timeout = foreign.run_timeout if foreign is not None else None
         try:
             train.follow(
-                tail, self.state, self.observer, cli, self.record.flower_run_id, self.fleet.check, settings
-            )
+                tail, self.state, self.observer, cli, self.record.flower_run_id, self.fleet.check, settings,
+                timeout=timeout,
+            )  # fmt: skip
         finally:
+            # A later ServerApp on this SuperLink (one started by hand) starts in its own place.
+            with contextlib.suppress(FedfleetError):
+                aggregator.write(f"{aggregator.home.rstrip('/')}/{SERVER_RUNS}/{SERVERAPP_DIR}", b"")
             if isinstance(tail, train.LogTail):
                 tail.close()
                 atomic_write(self.run_dir / SERVERAPP_LOG, tail.reader.text)
@@ -420,9 +442,8 @@ class Run:
         """The app `flwr run` submits: fl/ as it is, a copy with the stack's model file in it
         (it travels to the participants inside the FAB), or a copy of a Flower app of your own
         (`flwr run` rewrites an app's [tool.flwr.federations]: the copy has none)."""
-        foreign = self.s.stack.flower_app
-        if foreign is not None:
-            return stage_app(foreign.app.dir, self.s.paths.root / "app")
+        if self.plan.staged is not None:
+            return self.plan.staged
         source = self.s.stack.model
         app_dir = self.s.paths.project / "fl"
         if source is None:
@@ -497,11 +518,13 @@ def configure_stack(
     as .fedfleet/<stack>/<playbook>.json."""
     stack = load_stack(project_dir, stack_name)
     site = playbook == ansible.SITE
+    if site:
+        with checked_app(stack, project_dir, _Quiet()):  # a Flower app of your own: its environment
+            pass
     with session(stack, project_dir, with_network=site) as s:
         wheels = None
         serving: list[str] = []
         if site:
-            _check_app(stack, project_dir, _Quiet())  # a Flower app of your own: its environment
             s.require_aggregator()
             preflight.data(stack, project_dir, stack.app)  # the emulated sites' own data
             chosen, _ = probe.choose(stack, s.inventory, s.paths, _probe(s), advance=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 import tomllib
 from pathlib import Path
 
@@ -14,15 +15,16 @@ from flwr.server.history import History
 from flwr.supercore.logger import ConsoleHandler
 from ruamel.yaml import YAML
 
+from fedfleet import workflow
 from fedfleet.adapters.flwr import stage_app
 from fedfleet.core import flowerapp
 from fedfleet.core.errors import ConfigError, DataError
 from fedfleet.core.flowerlog import LogReader
 from fedfleet.core.paths import stack_paths
 from fedfleet.core.records import RunState
-from fedfleet.core.stack import flower_app_from, load_stack, set_rounds
+from fedfleet.core.stack import StackConfig, flower_app_from, load_stack, set_rounds
 from fedfleet.sandbox import REPO, local_config, scratch_project
-from fedfleet.stages import configure, preflight
+from fedfleet.stages import configure
 
 from .conftest import Local
 from .test_cli_errors import earlier_run, fedfleet
@@ -112,20 +114,25 @@ def test_run_config_overrides_must_be_keys_of_the_app_with_their_type():
 
 
 def test_the_node_config_the_app_reads_is_found_in_its_code(app: Path):
-    reads = flowerapp.node_config_reads(flowerapp.load(app, "test"))
+    reads = flowerapp.node_config_reads(app)
     assert {(r.key, r.required) for r in reads} == {
         ("data-path", True), ("partition-id", True), ("num-partitions", True),
     }  # fmt: skip
     (app / "numpy_app" / "extra.py").write_text(
         "def f(context, node_config):\n"
         "    a = context.node_config.get('optional-key', 1)\n"
-        "    return node_config['site-secret'], a\n"
+        "    b = context.node_config['guarded'] if 'guarded' in context.node_config else 0\n"
+        "    return node_config['site-secret'], a, b\n"
     )
+    (app / "tests").mkdir()
+    (app / "tests" / "helper.py").write_text("x = context.node_config['only-in-tests']\n")  # not in the FAB
     missing = flowerapp.missing_node_config(
-        flowerapp.load(app, "test"),
+        app,
         {"a": {"data-path", "partition-id", "num-partitions"}, "b": {"site-secret", *flowerapp_keys()}},
     )
-    assert [(m.key, m.line, lacking) for m, lacking in missing] == [("site-secret", 3, ["a"])]
+    found = [(str(m.file), m.key, m.line, lacking) for m, lacking in missing]
+    assert ("numpy_app/extra.py", "site-secret", 4, ["a"]) in found
+    assert "guarded" not in [key for _, key, _, _ in found]
 
 
 def flowerapp_keys() -> set[str]:
@@ -152,7 +159,10 @@ def test_the_stack_names_the_app_its_overrides_and_node_config(tmp_path: Path, a
         ({"strategy": "fedavg"}, r"fedfleet:app\.strategy: is a setting of fedfleet's built-in app"),
         ({"config": {"rounds": 2}}, r"fedfleet:app\.config\.rounds: .* has no such key"),
         ({"nodeConfig": {"data-path": "/x"}}, r"fedfleet:app\.nodeConfig\.data-path: is set by fedfleet"),
-        ({"nodeConfig": {"k": [1]}}, r"fedfleet:app\.nodeConfig\.k: must be a string, number or boolean"),
+        (
+            {"nodeConfig": {"k": [1]}},
+            r"fedfleet:app\.nodeConfig\.k: must be a string, a finite number or a boolean",
+        ),
     ],
 )
 def test_bad_app_keys_are_named(tmp_path: Path, app: Path, keys: dict, match: str):
@@ -198,6 +208,27 @@ def test_flwr_run_gets_a_copy_without_federations_data_or_environments(tmp_path:
 # -- the preflight: before any host is touched ------------------------------------------
 
 
+def check(stack: StackConfig, project: Path) -> dict:
+    """The run's check of a Flower app of your own (its copy made and removed as a run does)."""
+    with workflow.checked_app(stack, project, workflow._Quiet()) as (info, staged):
+        assert staged is not None and staged.is_dir()
+    assert not staged.parent.exists()
+    assert info is not None
+    return info
+
+
+def test_files_the_apps_gitignore_names_stay_out_of_its_fab(tmp_path: Path, app: Path):
+    (app / ".gitignore").write_text("secrets.json\n")
+    (app / "secrets.json").write_text('{"token": "x"}')
+    (app / "numpy_app" / "server_app.py").write_text(
+        (app / "numpy_app" / "server_app.py").read_text() + "\nimport json, pathlib\n"
+        "json.loads((pathlib.Path(__file__).parents[1] / 'secrets.json').read_text())\n"
+    )
+    stack = load_stack(project_with_app(tmp_path, app), "local")
+    with pytest.raises(ConfigError, match=r"serverapp: importing .* failed: FileNotFoundError"):
+        check(stack, tmp_path / "p")
+
+
 def test_a_node_config_key_no_site_has_is_named_before_anything_starts(tmp_path: Path, app: Path):
     code = app / "numpy_app" / "client_app.py"
     code.write_text(
@@ -214,7 +245,7 @@ def test_a_node_config_key_no_site_has_is_named_before_anything_starts(tmp_path:
     # Given for every participant, the same app passes that check.
     stack = load_stack(project_with_app(tmp_path / "2", app, nodeConfig={"site-root": "/d"}), "local")
     assert stack.flower_app is not None
-    reads = {r.key for r, _ in flowerapp.missing_node_config(stack.flower_app.app, {"p": {"site-root"}})}
+    reads = {r.key for r, _ in flowerapp.missing_node_config(stack.flower_app.app.dir, {"p": {"site-root"}})}
     assert "site-root" not in reads
 
 
@@ -222,29 +253,36 @@ def test_a_dependency_that_cannot_be_installed_is_named(tmp_path: Path, app: Pat
     edit_pyproject(app, '"tabulate>=0.9"', '"fedfleet-no-such-package-anywhere==1.0"')
     stack = load_stack(project_with_app(tmp_path, app), "local")
     with pytest.raises(
-        ConfigError, match=r"pyproject\.toml: \[project\] dependencies: could not install"
+        ConfigError,
+        match=r"pyproject\.toml: \[project\] dependencies: pip could not install .* as wheels within requirements\.lock's pins",
     ) as err:
-        preflight.flower_app(stack, stack_paths(stack, tmp_path / "p"))
+        check(stack, tmp_path / "p")
     assert "fedfleet-no-such-package-anywhere" in str(err.value)
 
 
 def test_components_that_do_not_import_are_named(tmp_path: Path, app: Path):
-    (app / "numpy_app" / "server_app.py").write_text("import numpy_app.nowhere\n")
+    server = app / "numpy_app" / "server_app.py"
     stack = load_stack(project_with_app(tmp_path, app), "local")
+    server.write_text("import numpy_app.nowhere\n")  # Flower's own build finds no app in it
+    with pytest.raises(
+        ConfigError, match=r"`flwr build` refused it: .*Unable to find attribute app in module"
+    ):
+        check(stack, tmp_path / "p")
+    server.write_text("import numpy_app.nowhere\nfrom flwr.serverapp import ServerApp\napp = ServerApp()\n")
     with pytest.raises(ConfigError, match=r"components\] serverapp: importing numpy_app\.server_app:app failed: "
-                       r"ModuleNotFoundError"):  # fmt: skip
-        preflight.flower_app(stack, stack_paths(stack, tmp_path / "p"))
-    (app / "numpy_app" / "server_app.py").write_text("app = 42\n")
+                       r"ModuleNotFoundError: No module named 'numpy_app\.nowhere'"):  # fmt: skip
+        check(stack, tmp_path / "p")
+    server.write_text("app = 42\n")
     with pytest.raises(
         ConfigError, match=r"serverapp: numpy_app\.server_app:app is a int, not a Flower ServerApp"
     ):
-        preflight.flower_app(stack, stack_paths(stack, tmp_path / "p"))
+        check(stack, tmp_path / "p")
 
 
 def test_the_app_gets_an_environment_of_its_own_and_the_hosts_use_it(tmp_path: Path, app: Path):
     project = project_with_app(tmp_path, app, nodeConfig={"site-tag": "x"})
     stack = load_stack(project, "local")
-    info = preflight.flower_app(stack, stack_paths(stack, project))
+    info = check(stack, project)
     assert info["app"] == "fedfleet-tests/numpy-app" and info["dependencies"] == [
         "numpy>=2.0.2",
         "tabulate>=0.9",
@@ -285,6 +323,10 @@ def test_real_hosts_install_the_apps_dependencies_from_the_wheel_cache(tmp_path:
         and "flwr==1.41.0" in shared["flower_common_packages"]
     )
     assert "flower_common_app_bin" not in shared  # on real hosts: the host's own environment
+    assert shared["flower_common_app_distributions"] == [
+        "numpy>=2.0.2",
+        "tabulate>=0.9",
+    ]  # checked before start
     assert configure.app_requirements(stack.flower_app.app) == ["numpy>=2.0.2", "tabulate>=0.9"]
 
 
@@ -295,8 +337,14 @@ def test_a_local_data_path_that_is_missing_is_named(tmp_path: Path, app: Path):
     config["fedfleet:participants"][0]["dataPath"] = str(tmp_path / "nowhere")
     project = scratch_project(tmp_path / "p", config)
     stack = load_stack(project, "local")
-    with pytest.raises(DataError, match=r"participants\[0\]\.dataPath = .*nowhere\) is not a directory"):
-        preflight.data(stack, project, stack.app)
+    with pytest.raises(
+        DataError, match=r"participants\[0\]\.dataPath = .*nowhere\) is not a directory, and the app reads"
+    ):
+        check(stack, project)
+    # An app that reads no data-path (it partitions a dataset by partition-id) needs none.
+    code = app / "numpy_app" / "client_app.py"
+    code.write_text(code.read_text().replace('Path(str(context.node_config["data-path"]))', 'Path("/")'))
+    assert check(load_stack(project, "local"), project)["app"] == "fedfleet-tests/numpy-app"
 
 
 # -- progress from Flower's own log lines -----------------------------------------------
@@ -412,3 +460,120 @@ def test_the_supernode_gets_numbers_as_numbers_in_its_node_config(tmp_path: Path
         "data-path": "/srv/d", "participant": "p1", "vm": "vm1",
         "partition-id": 1, "num-partitions": 3, "enabled": True, "rate": 0.5, "tag": "a b",
     }  # fmt: skip
+
+
+def test_a_host_environment_without_the_apps_packages_is_named_before_anything_starts(tmp_path: Path):
+    """A host whose environment is its admin's (install: false) must have the app's packages."""
+    import json
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    role = REPO / "playbooks" / "roles" / "flower_common"
+    play = tmp_path / "play.yml"
+    play.write_text(
+        "- hosts: localhost\n  gather_facts: false\n  vars_files:\n"
+        f"    - {role / 'vars' / 'main.yml'}\n    - {role / 'defaults' / 'main.yml'}\n"
+        f"  tasks:\n    - ansible.builtin.import_tasks: {role / 'tasks' / 'packages.yml'}\n"
+    )
+
+    def play_with(venv: str) -> subprocess.CompletedProcess[str]:
+        given = {"flower_common_venv": venv, "flower_common_become": False, "ansible_python_interpreter": sys.executable,
+                 "flower_common_app_distributions": ["numpy>=2", "numpy>=99", "fedfleet-no-such-dist"]}  # fmt: skip
+        return subprocess.run(
+            [str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,", "-c", "local",
+             "-e", json.dumps(given), str(play)],
+            capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
+
+    done = play_with(sys.prefix)
+    assert done.returncode != 0
+    assert (
+        f"the environment {sys.prefix} lacks numpy>=99 (found {version('numpy')}), fedfleet-no-such-dist, "
+        "which the Flower app needs" in done.stdout
+    )
+    assert "install: true" in done.stdout
+    done = play_with(str(tmp_path / "no-venv"))
+    assert done.returncode != 0
+    assert (
+        "lacks numpy>=2, numpy>=99, fedfleet-no-such-dist" in done.stdout
+        and "/python does not run" in done.stdout
+    )
+
+
+def test_failed_rounds_odd_numbers_and_the_initial_evaluation_are_read():
+    lines = [
+        "Initial global evaluation results: {'accuracy': 0.1}",
+        "[ROUND 1/2]",
+        "aggregate_train: Received 0 results and 2 failures",
+        "\t> Received error in reply from node 42: ClientApp raised ValueError",
+        "[ROUND 2/2]",
+        "aggregate_train: Received 1 results and 1 failures",
+        "\t└──> Aggregated MetricRecord: {'train-inf': 1.0, 'low': -inf, 'x': 2.0}",
+        "Strategy execution finished in 1.00s",
+    ]
+    reader = LogReader(clock=lambda: 1.0)
+    state = RunState(0)
+    for event in reader.feed(flower_lines(*lines)) + reader.close():
+        state.apply(event)
+    assert state.rounds[0].server == {"accuracy": 0.1}
+    # Round 1 trained nothing: it is not counted, and why is recorded.
+    assert state.completed_rounds == 1 and not state.rounds[1].trained
+    assert {"round": 1, "phase": "train", "node": 42, "reason": "ClientApp raised ValueError"} in state.errors
+    assert any(e["round"] == 2 and "1 of 2 replies failed" in e["reason"] for e in state.errors)
+    # A -inf is no number to record, but the rest of the record and the names stay.
+    assert state.rounds[2].train == {"train-inf": 1.0, "x": 2.0}
+
+
+class ScriptedFlower:
+    """The operator's `flwr` as LogTail uses it, played by real processes: each `flwr log`
+    stream prints its part of the log and exits; the SuperLink's status and whole log given."""
+
+    def __init__(self, streams: list[str], statuses: list[str], whole: str) -> None:
+        self.streams, self.statuses, self.whole = streams, statuses, whole
+        self.started = 0
+
+    def log_command(self, run_id: int) -> tuple[list[str], dict[str, str]]:
+        import os
+        import sys
+
+        text = self.streams[min(self.started, len(self.streams) - 1)]
+        self.started += 1
+        script = "import sys; sys.stdout.write(sys.argv[1]); sys.stdout.flush()"
+        return [sys.executable, "-c", script, text], dict(os.environ)
+
+    def status(self, run_id: int) -> dict[str, str]:
+        return {"status": self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]}
+
+    def show_log(self, run_id: int, timeout: float = 60.0) -> str:
+        return self.whole
+
+
+def test_the_log_tail_restarts_a_broken_stream_and_reads_the_last_lines_at_the_end(
+    tmp_path: Path, monkeypatch
+):
+    from fedfleet.adapters.processes import ProcessGroup
+    from fedfleet.stages import train
+
+    monkeypatch.setattr(train, "FINAL_LOG_WAIT", 0.0)
+    whole = flower_lines(*MESSAGE_API, "Final results:")
+    first = whole[: whole.index("[ROUND 2/2]") + 3]  # broken in the middle of a line
+    flwr = ScriptedFlower(
+        [first, whole[: whole.index("Strategy execution")]], ["running", "finished:completed"], whole
+    )
+    with ProcessGroup() as procs:
+        tail = train.LogTail(flwr, 7, procs, tmp_path / "flwr-log.log")  # type: ignore[arg-type]
+        state = RunState(0)
+        deadline = time.monotonic() + 30
+        while state.status not in ("finished", "failed"):
+            assert time.monotonic() < deadline, "the tail never finished"
+            for event in tail.read():
+                state.apply(event)
+            time.sleep(0.05)
+        assert procs.procs == []  # every `flwr log` it started was stopped
+    assert flwr.started == 2 and state.status == "finished"
+    # Nothing read twice, nothing lost: the second stream's repeat was skipped, the end
+    # (only in the whole log) was read.
+    assert [e for e in tail.reader.lines if e.endswith("[ROUND 2/2]")] != [] and state.completed_rounds == 2
+    assert tail.reader.text.count("[ROUND 1/2]") == 1 and "Final results:" in tail.reader.text
+    assert state.rounds[2].evaluation == {"loss": 0.2, "accuracy": 0.95}

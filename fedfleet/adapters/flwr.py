@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,14 +58,26 @@ def toml_value(value: str | int | float | bool) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
+def toml_key(key: str) -> str:
+    """A flat run-config key as TOML writes it (Flower joins nested tables with dots)."""
+    return ".".join(
+        part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else json.dumps(part) for part in key.split(".")
+    )
+
+
 def write_run_config(path: Path, run_config: Mapping[str, str | int | float | bool]) -> Path:
     """A run-config TOML file for `flwr run --run-config` (flat keys, scalar values)."""
-    return atomic_write(path, "".join(f"{key} = {toml_value(value)}\n" for key, value in run_config.items()))
+    return atomic_write(
+        path, "".join(f"{toml_key(key)} = {toml_value(value)}\n" for key, value in run_config.items())
+    )
 
 
 # What a FAB may hold (Flower's allow-list); the rest of an app directory (data, weights,
 # virtual environments) is not copied into the staged app.
-FAB_FILES = ("*.py", "*.toml", "*.md", "*.yaml", "*.yml", "*.json", "*.jsonl", "LICENSE", "LICENSE.md")
+FAB_FILES = (
+    "*.py", "*.toml", "*.md", "*.yaml", "*.yml", "*.json", "*.jsonl", "LICENSE", "LICENSE.md",
+    ".gitignore", ".editorconfig",  # Flower applies the app's .gitignore when it builds the FAB
+)  # fmt: skip
 FAB_SKIP_DIRS = (".venv", "venv", ".git", "__pycache__", ".flwr", "build", "dist", ".eggs", "node_modules")
 # Console scripts a Flower app's own environment needs: SuperExec starts them by name.
 APP_SCRIPTS = {"flwr-clientapp": "flwr.supernode.cli:flwr_clientapp"}
@@ -169,4 +182,33 @@ class FlwrCli:
         """`flwr log RUN --stream` (argv, environment): the ServerApp's output as the SuperLink
         keeps it, from the start, until the run finishes (then the process ends). The text
         comes on stdout, Flower's own messages on stderr."""
-        return [tool("flwr"), "log", str(run_id), self.connection, "--stream"], flower_env(self.flwr_home)
+        # Unbuffered: `flwr log` prints each chunk as it comes, not when 8 KiB have gathered.
+        env = flower_env(self.flwr_home, {"PYTHONUNBUFFERED": "1"})
+        return [tool("flwr"), "log", str(run_id), self.connection, "--stream"], env
+
+    def show_log(self, run_id: int, timeout: float = 60.0) -> str | None:
+        """`flwr log RUN --show`: the ServerApp's whole output as the SuperLink has it now
+        (None if it could not be read)."""
+        argv = [tool("flwr"), "log", str(run_id), self.connection, "--show"]
+        try:
+            done = subprocess.run(
+                argv, env=flower_env(self.flwr_home), capture_output=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return None
+        return done.stdout.decode("utf-8", errors="replace") if done.returncode == 0 else None
+
+
+def build_fab(app_dir: Path, out_dir: Path) -> Path:
+    """`flwr build`: the FAB `flwr run` would send for `app_dir` (Flower's own checks: its
+    pyproject, the files a FAB may hold, the app's .gitignore, the size limit)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [tool("flwr"), "build", "--app", str(app_dir)], cwd=out_dir, env=flower_env(out_dir / "flwr-home"),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    fabs = sorted(out_dir.glob("*.fab"))
+    if done.returncode != 0 or not fabs:
+        said = " ".join(re.sub(r"[╭╮╰╯│─]+", " ", done.stdout + done.stderr).split())  # without its box
+        raise FedfleetError("`flwr build` refused it: " + (said[-800:] or f"exit code {done.returncode}"))
+    return fabs[0]

@@ -6,6 +6,7 @@ lock file) once; hosts get the wheels over SSH and install with `--no-index`.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import shutil
@@ -101,14 +102,33 @@ def app_env(
 ) -> Path:
     """A Python environment for a Flower app of your own on this machine (the local stack's
     emulated hosts run it): a venv that sees this environment's packages (Flower, torch) through
-    a .pth file and gets only what the app adds, installed by pip, so fedfleet's own stays as
-    `make setup` made it. `scripts` (name -> `module:function`) become console scripts run by
-    the env's Python. Made once per set of requirements; a half-made one is made again."""
-    if (dest / READY).exists():
-        return dest
-    if dest.exists():
-        shutil.rmtree(dest)
+    a .pth file and gets only what the app adds, installed by pip as wheels within the project's
+    pins, so fedfleet's own stays as `make setup` made it. `scripts` (name -> `module:function`)
+    become console scripts run by the env's Python. Made once per set of requirements (one
+    command at a time: a lock beside it); one that is half-made, or that names another place
+    (the project moved), is made again."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with (dest.parent / f".{dest.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _usable(dest):
+            return dest
+        if dest.exists():
+            shutil.rmtree(dest)
+        _make_app_env(dest, requirements, constraints, scripts)
+    return dest
+
+
+def _usable(env: Path) -> bool:
+    """Complete, and made for this environment at this place."""
+    if not (env / READY).exists() or not (env / "bin" / "python").exists():
+        return False
+    pth = list(env.glob(f"lib/python*/site-packages/{APP_BASE_PTH}"))
+    return bool(pth) and pth[0].read_text().strip() == sysconfig.get_path("purelib")
+
+
+def _make_app_env(
+    dest: Path, requirements: Sequence[str], constraints: Path | None, scripts: dict[str, str]
+) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "venv", "--without-pip", str(dest)],
         capture_output=True,
@@ -131,9 +151,9 @@ def app_env(
         ]  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=1800)
         if done.returncode != 0:
+            pins = f" within {constraints.name}'s pins" if constraints else ""
             raise EnvironmentProblem(
-                f"could not install the app's dependencies ({', '.join(requirements)}) with pip: "
-                f"{_pip_error(done.stderr)}"
+                f"pip could not install {', '.join(requirements)} as wheels{pins}: {_pip_error(done.stderr)}"
             )
     for name, target in scripts.items():
         module, function = target.split(":")
@@ -143,7 +163,6 @@ def app_env(
         )
         script.chmod(0o755)
     atomic_write(dest / READY, "\n".join(requirements) + "\n")
-    return dest
 
 
 def _pip_error(stderr: str) -> str:

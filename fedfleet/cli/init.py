@@ -70,7 +70,9 @@ def command(
     vm: list[str] = typer.Option([], "--vm", help="hosts: a machine of a participant, PARTICIPANT=ADDRESS."),
     aggregator: str = typer.Option("", "--aggregator", help="hosts: the aggregator's address."),
     vms: int = typer.Option(2, "--vms", min=1, max=20, help="local, cloud: VMs per participant."),
-    rounds: int = typer.Option(3, "--rounds", min=1, help="Training rounds."),
+    rounds: int | None = typer.Option(
+        None, "--rounds", min=1, help="Training rounds (default 3; with --app: the app's own unless given)."
+    ),
     data_path: str = typer.Option(
         "",
         "--data-path",
@@ -113,13 +115,20 @@ def command(
     app_rounds = True
     if app:
         app = str((Path.cwd() / app).resolve()) if not Path(app).is_absolute() else app
-        app_rounds = flowerapp.load(Path(app), "--app").rounds_key is not None
+        loaded = flowerapp.load(Path(app), "--app")
+        # The app's own number of rounds stands unless --rounds overrides it.
+        app_rounds = rounds is not None
+        if app_rounds and loaded.rounds_key is None:
+            raise ConfigError(
+                f"--rounds: {loaded.pyproject} [tool.flwr.app.config] has no num-server-rounds; "
+                "leave --rounds out and set the app's own key under app.config in the stack file"
+            )
     spec = InitSpec(
         name=name,
         kind=kind,
         sites=sites,
         vms=vms,
-        rounds=rounds,
+        rounds=rounds or 3,
         demo=kind == "local" and not own_data,
         data_path=data_path,
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()),

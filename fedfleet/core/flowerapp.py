@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import math
 import re
 import sys
 import tomllib
@@ -192,7 +193,8 @@ def run_config(app: FlowerApp, overrides: Mapping[str, Any], where: str) -> dict
                 "Flower accepts overrides only of keys the app declares"
             )
         default = app.config[key]
-        if not isinstance(value, (str, int, float, bool)) or not _same_kind(default, value):
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not isinstance(value, (str, int, float, bool)) or not finite or not _same_kind(default, value):
             raise ConfigError(
                 f"{where}.{key}: {value!r} is not a {type(default).__name__} like the app's default "
                 f"({default!r} in {app.pyproject})"
@@ -212,25 +214,39 @@ def _same_kind(default: Scalar, value: Any) -> bool:
 @dataclass(frozen=True)
 class NodeConfigRead:
     key: str
-    file: Path
+    file: Path  # relative to the directory scanned
     line: int
-    required: bool  # read as node_config["key"] (fails without it); .get() has a default
+    required: bool  # read as node_config["key"] (fails without it); .get() or a guard has a default
 
 
-def node_config_reads(app: FlowerApp) -> list[NodeConfigRead]:
-    """Where the app's code reads `<something>.node_config[...]` or `.node_config.get(...)`
-    with a literal key (a static scan: keys built at run time are not seen)."""
+def node_config_reads(directory: Path) -> list[NodeConfigRead]:
+    """Where the code under `directory` (what the FAB holds) reads `<x>.node_config[...]` or
+    `.node_config.get(...)` with a literal key. A subscript whose key the same file also tests
+    (`"k" in context.node_config`) counts as guarded. A static scan: keys built at run time
+    are not seen."""
     out: list[NodeConfigRead] = []
-    for file in python_files(app.dir):
+    for file in python_files(directory):
         try:
             tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue  # the import check names a file that does not parse, if the app uses it
+        guarded = {
+            node.left.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Constant)
+            and isinstance(node.left.value, str)
+            and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops)
+            and any(_is_node_config(c) for c in node.comparators)
+        }
+        where = file.relative_to(directory)
         for node in ast.walk(tree):
             if isinstance(node, ast.Subscript) and _is_node_config(node.value):
                 key = node.slice
                 if isinstance(key, ast.Constant) and isinstance(key.value, str):
-                    out.append(NodeConfigRead(key.value, file, node.lineno, required=True))
+                    out.append(
+                        NodeConfigRead(key.value, where, node.lineno, required=key.value not in guarded)
+                    )
             elif (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Attribute)
@@ -240,7 +256,7 @@ def node_config_reads(app: FlowerApp) -> list[NodeConfigRead]:
                 and isinstance(node.args[0], ast.Constant)
                 and isinstance(node.args[0].value, str)
             ):
-                out.append(NodeConfigRead(node.args[0].value, file, node.lineno, required=False))
+                out.append(NodeConfigRead(node.args[0].value, where, node.lineno, required=False))
     return out
 
 
@@ -257,12 +273,13 @@ def python_files(directory: Path) -> Iterator[Path]:
 
 
 def missing_node_config(
-    app: FlowerApp, given: Mapping[str, set[str]]
+    directory: Path, given: Mapping[str, set[str]]
 ) -> list[tuple[NodeConfigRead, list[str]]]:
-    """Keys the app requires that some participant's SuperNode would not have: (read, participants)."""
+    """Keys the code under `directory` requires that some participant's SuperNode would not
+    have: (the first read, the participants lacking it)."""
     out = []
     seen: set[str] = set()
-    for read in node_config_reads(app):
+    for read in node_config_reads(directory):
         if not read.required or read.key in seen:
             continue
         seen.add(read.key)
@@ -270,6 +287,16 @@ def missing_node_config(
         if lacking:
             out.append((read, lacking))
     return out
+
+
+def reads(directory: Path, key: str) -> bool:
+    """Whether the code under `directory` reads node-config `key` at all."""
+    return any(r.key == key for r in node_config_reads(directory))
+
+
+def shown(requirement: str) -> str:
+    """A requirement as it may be printed and recorded: credentials in a URL masked."""
+    return re.sub(r"(://)[^/@\s]+@", r"\1***@", requirement)
 
 
 def env_key(app: FlowerApp) -> str:

@@ -34,12 +34,17 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # "LEVEL : " then (8 - len(LEVEL)) + 1 spaces; with FLWR_LOG_LEVEL=DEBUG a time before the colon.
 PREFIX = re.compile(r"^(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) (?:[^\n]*?): (?P<rest>.*)$")
 ROUND = re.compile(r"^\[ROUND (?P<n>\d+)(?:/(?P<total>\d+))?\]$")
-AGGREGATE = re.compile(r"^aggregate_(?P<phase>train|fit|evaluate): ")
+AGGREGATE = re.compile(
+    r"^aggregate_(?P<phase>train|fit|evaluate): [Rr]eceived (?P<results>\d+) results and (?P<failures>\d+) failures"
+)
+REPLY_ERROR = re.compile(r"^\t?> Received error in reply from node (?P<node>\d+): (?P<error>.*)$")
+INITIAL = re.compile(r"^Initial global evaluation results: (?P<record>.*)$")
 AGGREGATED = re.compile(r"^\t?└──> Aggregated MetricRecord: (?P<record>.*)$")
 SERVER_RECORD = re.compile(r"^\t?└──> MetricRecord: (?P<record>.*)$")
 HISTORY = re.compile(r"^History \((?P<what>[^)]*)\):\s*(?P<rest>.*)$")
 HISTORY_ROUND = re.compile(r"^round (?P<n>\d+): (?P<value>.+)$")
-NOT_NUMBER = re.compile(r"\b(nan|inf|-inf)\b")
+# nan and inf as Python prints them in a dict (not inside a quoted name): no literal for them.
+NOT_NUMBER = re.compile(r"(?<![\w'\"-])-?(?:nan|inf)(?![\w'\"])")
 
 
 def strip(line: str) -> str:
@@ -80,6 +85,7 @@ class LogReader:
         self.round: int | None = None  # the round in progress
         self.phase: str | None = None  # train, evaluate or server: what the next record is
         self.metrics_seen = False
+        self.trained = False  # the round in progress got at least one training result
         self.history: dict[str, list[str]] = {}
         self.in_history: str | None = None
         self.lines: list[str] = []  # the whole log, without colour codes
@@ -107,7 +113,7 @@ class LogReader:
         if self.round is None:
             return []
         ended, self.round = self.round, None
-        return [self._event("round-end", round=ended, trained=True)]
+        return [self._event("round-end", round=ended, trained=self.trained)]
 
     def _line(self, raw: str) -> list[dict[str, Any]]:
         self.lines.append(strip(raw))
@@ -121,12 +127,27 @@ class LogReader:
         text = msg.strip("\t ")
         if match := ROUND.match(text):
             out += self._end_round()
-            self.round, self.phase = int(match["n"]), None
+            self.round, self.phase, self.trained = int(match["n"]), None, False
             if match["total"]:
                 out.append(self._event("planned", rounds=int(match["total"])))
             out.append(self._event("round-start", round=self.round))
         elif match := AGGREGATE.match(text):
             self.phase = "train" if match["phase"] in ("train", "fit") else "evaluate"
+            failures = int(match["failures"])
+            if self.phase == "train" and int(match["results"]) > 0:
+                self.trained = True
+            if failures and self.round is not None:
+                out.append(self._failures(failures, int(match["results"])))
+        elif (match := REPLY_ERROR.match(msg.lstrip(" "))) and self.round is not None:
+            out.append(
+                self._event("errors", round=self.round, phase=self.phase,
+                            errors=[{"node": int(match["node"]), "reason": match["error"]}])
+            )  # fmt: skip
+        elif (match := INITIAL.match(text)) is not None:
+            values = numbers(match["record"])
+            if values:
+                self.metrics_seen = True
+                out.append(self._event("server-evaluated", round=0, metrics=values))
         elif text == "Global evaluation":
             self.phase = "server"
         elif (match := AGGREGATED.match(msg.lstrip(" "))) and self.round is not None:
@@ -200,6 +221,13 @@ class LogReader:
                     self.metrics_seen = True
                     out.append(self._event(kind, round=n, metrics=values))
         return out
+
+    def _failures(self, failures: int, results: int) -> dict[str, Any]:
+        phase = "train" if self.phase == "train" else "evaluate"
+        return self._event(
+            "errors", round=self.round, phase=phase,
+            errors=[{"reason": f"{failures} of {failures + results} replies failed (Flower's {phase} phase)"}],
+        )  # fmt: skip
 
     @property
     def text(self) -> str:

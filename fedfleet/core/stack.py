@@ -28,6 +28,7 @@ cloud aggregator with on-premises participants).
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -246,6 +247,7 @@ class AppSource:
     overrides: dict[str, Scalar]  # what the stack (or --rounds) changed: passed to `flwr run`
     node_config: dict[str, Scalar]  # every SuperNode's (app.nodeConfig)
     where: str  # the stack key (or option) that named it
+    run_timeout: float = 86400.0  # a run still going after this long is stopped (app.runTimeoutSeconds)
 
     def node_config_for(self, participants: Sequence[Participant]) -> dict[str, dict[str, Scalar]]:
         """Each participant's node config beyond what the SuperNode role sets on every node
@@ -849,7 +851,7 @@ def _app(
     return app, model
 
 
-APP_KEYS = ("path", "config", "nodeConfig")
+APP_KEYS = ("path", "config", "nodeConfig", "runTimeoutSeconds")
 PARTICIPANT_KEYS = (
     "name", "cloud", "region", "location", "dataPath", "cidr", "egressCidr", "bastion", "ssh", "vms", "nodeConfig",
 )  # fmt: skip
@@ -883,6 +885,7 @@ def _flower_app(r: _Reader, project_dir: Path) -> AppSource:
         overrides=overrides,
         node_config=_node_config(r.child("nodeConfig", default={})),
         where=f"{r.path}: {node.key}",
+        run_timeout=r.num("runTimeoutSeconds", 60, 30 * 86400, 86400.0),
     )
 
 
@@ -891,7 +894,8 @@ def flower_app_from(directory: Path, stack: StackConfig) -> StackConfig:
     app.config and app.nodeConfig apply when the stack names an app too)."""
     app = flowerapp.load(directory.expanduser().resolve(), "--app")
     given = stack.flower_app
-    overrides = given.overrides if given is not None else {}
+    # The stack's overrides are for the app it names: they apply to the same app only.
+    overrides = given.overrides if given is not None and given.app.dir == app.dir else {}
     where = f"{stack.path}: {PROJECT}:app.config"
     source = AppSource(
         app=app,
@@ -899,6 +903,7 @@ def flower_app_from(directory: Path, stack: StackConfig) -> StackConfig:
         overrides=dict(overrides),
         node_config=given.node_config if given is not None else {},
         where="--app",
+        run_timeout=given.run_timeout if given is not None else AppSource.run_timeout,
     )
     settings = AppSettings.from_run_config({"min-participants": stack.app.min_participants})
     return replace(stack, flower_app=source, model=None, app=with_rounds(settings, source))
@@ -940,10 +945,10 @@ def _node_config(r: _Reader) -> dict[str, Scalar]:
             )
         if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", key):
             raise r.fail(f"{key!r} is not a node-config key (letters, digits, '_', '-', '.')")
-        if not isinstance(value, (str, int, float, bool)):
-            raise r.fail(
-                f"must be a string, number or boolean (got {type(value).__name__})", f"{r.key}.{key}"
-            )
+        if not isinstance(value, (str, int, float, bool)) or (
+            isinstance(value, float) and not math.isfinite(value)
+        ):
+            raise r.fail(f"must be a string, a finite number or a boolean (got {value!r})", f"{r.key}.{key}")
         out[key] = value
     return out
 

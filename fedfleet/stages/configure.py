@@ -20,6 +20,8 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import Requirement
+
 from fedfleet.adapters import ansible, pip
 from fedfleet.adapters.flwr import FlwrCli
 from fedfleet.adapters.pki import ensure_server_tls
@@ -88,6 +90,12 @@ def app_requirements(app: FlowerApp | None) -> list[str]:
     return list(app.dependencies) if app is not None else []
 
 
+def app_distributions(app: FlowerApp) -> list[str]:
+    """What a Flower app of your own adds, as a host's environment must have it: name and
+    version range (never a URL, which may carry a token)."""
+    return [f"{(req := Requirement(text)).name}{req.specifier}" for text in app.dependencies]
+
+
 def app_archive(paths: StackPaths) -> Path:
     """fedfleet_app's code for the hosts' warm workers, as a tar named by its contents."""
     files = sorted(APP_PACKAGE.glob("*.py"))
@@ -153,6 +161,8 @@ def ansible_inventory(
             "flower_supernode_app_src": str(app_archive(paths)),
             "flower_common_packages": host_requirements() + app_requirements(source.app if source else None),
         }
+        if source is not None:  # looked for on every host before its services start
+            shared["flower_common_app_distributions"] = app_distributions(source.app)
         if wheels is not None:
             shared |= {"flower_common_wheel_src": str(wheels), "flower_common_wheel_python": pip.python_tag()}
     net = plan(stack, paths.root) if stack.is_local else None

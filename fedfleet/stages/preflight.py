@@ -24,15 +24,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
+from typing import Any
 
 from fedfleet_app import data as app_data
 from fedfleet_app.settings import AppSettings
 
 from fedfleet.adapters import pip
-from fedfleet.adapters.flwr import APP_SCRIPTS, flower_env
+from fedfleet.adapters.flwr import APP_SCRIPTS, build_fab, flower_env
 from fedfleet.core import flowerapp
-from fedfleet.core.errors import ConfigError, DataError, EnvironmentProblem
+from fedfleet.core.errors import ConfigError, DataError, EnvironmentProblem, FedfleetError
 from fedfleet.core.paths import StackPaths, data_path
 from fedfleet.core.stack import NODE_KEYS, PROJECT, StackConfig
 from fedfleet.hosts.base import Host
@@ -40,26 +42,9 @@ from fedfleet.hosts.base import Host
 
 def data(stack: StackConfig, project_dir: Path, settings: AppSettings) -> dict[str, dict[str, int]]:
     """Per local participant, its train and test examples (empty for a stack of real hosts)."""
-    if not stack.is_local:
+    if not stack.is_local or stack.flower_app is not None:  # a foreign app's: checked with the app
         return {}
-    paths = {p.name: data_path(stack, project_dir, p.name) for p in stack.participants}
-    if stack.demo is not None:
-        app_data.write_demo(
-            list(paths.values()),
-            iid=stack.demo.partition == "iid",
-            alpha=stack.demo.alpha,
-            seed=stack.demo.seed,
-            test_fraction=settings.test_fraction,
-        )
-    if stack.flower_app is not None:  # it reads its data its own way: the directory must exist
-        for index, (name, path) in enumerate(paths.items()):
-            if not path.is_dir():
-                raise DataError(
-                    f"participant {name!r} ({stack.path}: {PROJECT}:participants[{index}].dataPath "
-                    f"= {path}) is not a directory: the SuperNode passes it to the app as node config "
-                    "data-path; create it, or point dataPath at the site's data"
-                )
-        return {}
+    paths = _sites(stack, project_dir, settings.test_fraction)
     counts = {}
     for index, (name, path) in enumerate(paths.items()):
         try:
@@ -71,6 +56,20 @@ def data(stack: StackConfig, project_dir: Path, settings: AppSettings) -> dict[s
             ) from err
         counts[name] = {"train": len(train), "test": len(test)}
     return counts
+
+
+def _sites(stack: StackConfig, project_dir: Path, test_fraction: float) -> dict[str, Path]:
+    """The local sites' data paths, with the demo partitions written there if the stack has them."""
+    paths = {p.name: data_path(stack, project_dir, p.name) for p in stack.participants}
+    if stack.demo is not None:
+        app_data.write_demo(
+            list(paths.values()),
+            iid=stack.demo.partition == "iid",
+            alpha=stack.demo.alpha,
+            seed=stack.demo.seed,
+            test_fraction=test_fraction,
+        )
+    return paths
 
 
 def superlink_port(stack: StackConfig, aggregator: Host, address: str) -> None:
@@ -93,6 +92,22 @@ def superlink_port(stack: StackConfig, aggregator: Host, address: str) -> None:
                 f"({err.strerror}). Stop whatever listens there (`ss -ltnp 'sport = :{port}'` "
                 "shows it) or change that key to a free port"
             ) from err
+
+
+def _check(
+    argv: list[str], cwd: Path | None, env: dict[str, str] | None, doing: str, checking: str
+) -> dict[str, Any]:
+    """Run a check script in a process of its own; its JSON reply (its last line of output)."""
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=300, check=False, cwd=cwd, env=env
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"{doing} took over 300 s") from None
+    lines = done.stdout.strip().splitlines()
+    if not lines or not lines[-1].startswith("{"):
+        raise ConfigError(f"{checking} failed: " + (done.stderr.strip().splitlines() or ["no output"])[-1])
+    return dict(json.loads(lines[-1]))
 
 
 MODEL_CHECK = """
@@ -120,19 +135,10 @@ def model(stack: StackConfig, settings: AppSettings) -> dict[str, object] | None
         sys.executable, "-c", MODEL_CHECK, settings.model, str(source.file),
         str(settings.channels), str(settings.num_classes), str(settings.image_size),
     ]  # fmt: skip
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-    except subprocess.TimeoutExpired:
-        raise ConfigError(
-            f"{stack.path}: {PROJECT}:app.model: building {source.setting} took over 300 s"
-        ) from None
-    lines = done.stdout.strip().splitlines()
-    reply = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
-    if reply is None:
-        raise ConfigError(
-            f"{stack.path}: {PROJECT}:app.model: checking {source.setting} failed: "
-            + (done.stderr.strip().splitlines() or ["no output"])[-1]
-        )
+    where = f"{stack.path}: {PROJECT}:app.model"
+    reply = _check(
+        argv, None, None, f"{where}: building {source.setting}", f"{where}: checking {source.setting}"
+    )
     if not reply["ok"]:
         raise ConfigError(
             f"{stack.path}: {PROJECT}:app.model: {reply['error']} ({source.file}; the function is called "
@@ -166,61 +172,89 @@ print(json.dumps({"ok": True}))
 """
 
 
-def flower_app(stack: StackConfig, paths: StackPaths) -> dict[str, object]:
-    """A Flower app of your own, checked before any host is touched: every node-config key
-    its code reads without a default is set for every participant; its dependencies install
-    (into its own environment on this machine, which the local stack's hosts run it in);
-    its ServerApp and ClientApp import there and are what Flower runs. What it is, for the
-    run's summary."""
+def flower_app(stack: StackConfig, project_dir: Path, paths: StackPaths, staged: Path) -> dict[str, object]:
+    """A Flower app of your own (`staged`: the copy `flwr run` will get), checked before any
+    host is touched: Flower builds its FAB (its own checks of the pyproject, the files and the
+    size); every node-config key the code in the FAB reads without a default is set for every
+    participant; on the local stack the sites' data directories exist if it reads data-path;
+    its dependencies install (into its own environment on this machine, which the local
+    stack's hosts run it in); its ServerApp and ClientApp import there from the FAB's files and
+    are what Flower runs. What it is, for the run's summary."""
     source = stack.flower_app
     assert source is not None
     app = source.app
-    given = {
-        p: set(NODE_KEYS) | set(config) for p, config in source.node_config_for(stack.participants).items()
-    }
-    for read, lacking in flowerapp.missing_node_config(app, given):
-        raise ConfigError(
-            f"{read.file}:{read.line} reads context.node_config[{read.key!r}], which no SuperNode of "
-            f"{', '.join(lacking)} would have: set it in {stack.path} under {PROJECT}:app.nodeConfig "
-            f"(every participant) or {PROJECT}:participants[i].nodeConfig (one), or read it with "
-            f".get({read.key!r}, default) in the app. fedfleet sets {', '.join(NODE_KEYS)}"
-        )
-    try:
-        env = pip.app_env(
-            paths.app_env(flowerapp.env_key(app)), list(app.dependencies), pip.LOCK, dict(APP_SCRIPTS)
-        )
-    except EnvironmentProblem as err:
-        raise ConfigError(
-            f"{app.pyproject}: [project] dependencies: {err}. Fix the requirement, or make the "
-            "package available to pip on this machine (an index or find-links)"
-        ) from err
-    refs = {"serverapp": app.serverapp, "clientapp": app.clientapp}
-    argv = [str(env / "bin" / "python"), "-c", APP_CHECK, str(app.dir), json.dumps(refs)]
     with tempfile.TemporaryDirectory(prefix="fedfleet-appcheck-") as scratch:
+        tmp = Path(scratch)
         try:
-            done = subprocess.run(
-                argv, capture_output=True, text=True, timeout=300, check=False, cwd=scratch,
-                env=flower_env(Path(scratch) / "flwr-home"),
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            raise ConfigError(f"{app.pyproject}: importing the app's components took over 300 s") from None
-    lines = done.stdout.strip().splitlines()
-    reply = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
-    if reply is None:
-        raise ConfigError(
-            f"{app.pyproject}: checking the app's components failed: "
-            + (done.stderr.strip().splitlines() or ["no output"])[-1]
-        )
+            fab = build_fab(staged, tmp / "build")
+        except FedfleetError as err:
+            raise ConfigError(f"{app.pyproject}: {err}") from err
+        unpacked = tmp / "fab"
+        with zipfile.ZipFile(fab) as archive:
+            archive.extractall(unpacked)  # our own build of a copy we made: names are plain
+        _node_config(stack, unpacked, app)
+        _local_sites(stack, project_dir, unpacked)
+        try:
+            env = pip.app_env(
+                paths.app_env(flowerapp.env_key(app)), list(app.dependencies), pip.LOCK, dict(APP_SCRIPTS)
+            )
+        except EnvironmentProblem as err:
+            raise ConfigError(
+                f"{app.pyproject}: [project] dependencies: {err}. Ask for a version the lock admits "
+                "(fedfleet's hosts share one set of pins), or make a wheel of it available to pip on "
+                "this machine (an index or find-links)"
+            ) from err
+        refs = {"serverapp": app.serverapp, "clientapp": app.clientapp}
+        argv = [str(env / "bin" / "python"), "-c", APP_CHECK, str(unpacked), json.dumps(refs)]
+        reply = _check(
+            argv, tmp, flower_env(tmp / "flwr-home"),
+            f"{app.pyproject}: importing the app's components", f"{app.pyproject}: checking the app's components",
+        )  # fmt: skip
     if not reply["ok"]:
         raise ConfigError(
-            f"{app.pyproject}: [tool.flwr.app.components] {reply['key']}: {reply['error']}. The app's "
-            f"directory is on the path ({app.dir}) and its dependencies are installed: fix the module or "
-            "the reference"
+            f"{app.pyproject}: [tool.flwr.app.components] {reply['key']}: {reply['error']}. Imported from "
+            "the files the FAB holds (what the hosts get), with the app's dependencies installed: fix the "
+            "module or the reference (a file the FAB leaves out, e.g. by .gitignore, cannot be imported)"
         )
     return {
         "app": app.fab_id,
         "version": app.version,
         "path": str(app.dir),
         "given_as": source.where,
-        "dependencies": list(app.dependencies),
+        "fab": fab.name,
+        "dependencies": [flowerapp.shown(d) for d in app.dependencies],
     }
+
+
+def _node_config(stack: StackConfig, fab: Path, app: flowerapp.FlowerApp) -> None:
+    source = stack.flower_app
+    assert source is not None
+    given = {
+        p: set(NODE_KEYS) | set(config) for p, config in source.node_config_for(stack.participants).items()
+    }
+    for read, lacking in flowerapp.missing_node_config(fab, given):
+        raise ConfigError(
+            f"{app.dir / read.file}:{read.line} reads context.node_config[{read.key!r}], which no "
+            f"SuperNode of {', '.join(lacking)} would have: set it in {stack.path} under "
+            f"{PROJECT}:app.nodeConfig (every participant) or {PROJECT}:participants[i].nodeConfig "
+            f"(one), or read it with .get({read.key!r}, default) in the app. fedfleet sets "
+            f"{', '.join(NODE_KEYS)}"
+        )
+
+
+def _local_sites(stack: StackConfig, project_dir: Path, fab: Path) -> None:
+    """The local stack's sites: the demo partitions written (if the stack has them), and each
+    site's directory there if the app reads data-path (an app may read none: Flower's examples
+    partition a dataset by partition-id)."""
+    if not stack.is_local:
+        return
+    paths = _sites(stack, project_dir, stack.app.test_fraction)
+    if not flowerapp.reads(fab, "data-path"):
+        return
+    for index, (name, path) in enumerate(paths.items()):
+        if not path.is_dir():
+            raise DataError(
+                f"participant {name!r} ({stack.path}: {PROJECT}:participants[{index}].dataPath "
+                f"= {path}) is not a directory, and the app reads node config data-path: create it, "
+                "or point dataPath at the site's data"
+            )

@@ -35,6 +35,7 @@ EVENTS = "events.jsonl"
 STATUS_CHECK_AFTER = 20.0  # seconds without events before asking the SuperLink
 SERVICE_CHECK_EVERY = 1.0  # seconds between asking the hosts what runs
 EVENT_POLL = 0.2
+FINAL_LOG_WAIT = 1.0  # seconds between a foreign run's end and reading its whole log
 
 
 class Display(Protocol):
@@ -61,22 +62,26 @@ class EventTail:
 
 
 class LogTail:
-    """A Flower app's progress from its ServerApp's log: `flwr log --stream` (started once,
-    again if it breaks before the run ends, skipping what was already read), parsed into
-    the same events as the built-in app's. When the stream ends the SuperLink says how the
-    run finished."""
+    """A Flower app's progress from its ServerApp's log: `flwr log --stream`, parsed into the
+    same events as the built-in app's. A stream that breaks before the run ends is started
+    again (after 1, 2, 4 ... 30 s; it starts from the beginning, so what was read is skipped);
+    when it ends, the SuperLink says how the run finished, and the log is read once more
+    whole (`flwr log --show`): Flower uploads a ServerApp's last lines as it exits, which a
+    stream that closed at the run's end may not have carried."""
 
-    RESTARTS = 5
+    GIVE_UP_AFTER = 120.0  # seconds of a broken stream (while the run goes on) before failing
 
     def __init__(self, cli: FlwrCli, flower_run_id: int, procs: ProcessGroup, log: Path) -> None:
         self.cli, self.run_id, self.procs, self.log = cli, flower_run_id, procs, log
         self.reader = LogReader()
-        self.fed = 0  # bytes of the stream parsed so far (a restarted stream starts over)
+        self.fed = 0  # bytes of the log parsed so far (a restarted stream starts over)
         self.skip = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.proc: Managed | None = None
         self.chunks: queue.Queue[bytes | None] = queue.Queue()
-        self.restarts = 0
+        self.broken_since: float | None = None
+        self.backoff = 1.0
+        self.restart_at = 0.0
         self.done = False
         self.status: dict[str, Any] = {}
 
@@ -98,10 +103,23 @@ class LogTail:
 
         threading.Thread(target=pump, name="flwr-log", daemon=True).start()
 
+    def _feed(self, data: bytes) -> list[dict[str, Any]]:
+        """New bytes of the log, past what a restarted stream sends again."""
+        if self.skip:
+            dropped = data[: self.skip]
+            data = data[self.skip :]
+            self.skip -= len(dropped)
+        if data:
+            self.broken_since, self.backoff = None, 1.0  # the stream works
+        self.fed += len(data)
+        return self.reader.feed(self.decoder.decode(data))
+
     def read(self) -> list[dict[str, Any]]:
         if self.done:
             return []
         if self.proc is None:
+            if time.monotonic() < self.restart_at:
+                return []
             self._start()
         ended = False
         data = b""
@@ -114,41 +132,56 @@ class LogTail:
                 ended = True
                 break
             data += chunk
-        if self.skip:
-            dropped = data[: self.skip]
-            data = data[self.skip :]
-            self.skip -= len(dropped)
-        self.fed += len(data)
-        events = self.reader.feed(self.decoder.decode(data))
+        events = self._feed(data)
         if ended:
             events += self._ended()
         return events
 
     def _ended(self) -> list[dict[str, Any]]:
         """The stream closed: the run finished (as the SuperLink says), or the stream broke."""
-        if self.proc is not None:
-            self.procs.stop(self.proc)
+        self._stop_stream()
         self.status = self.cli.status(self.run_id)
-        state = str(self.status.get("status", ""))
-        if not state.startswith("finished"):
-            if self.restarts < self.RESTARTS:
-                self.restarts += 1
-                self._start()
-                return []
+        if str(self.status.get("status", "")).startswith("finished"):
+            return self.finish()
+        now = time.monotonic()
+        self.broken_since = self.broken_since or now
+        if now - self.broken_since > self.GIVE_UP_AFTER:
             self.done = True
-            return [{"event": "failed", "time": time.time(), "error": f"the ServerApp's log stream "
-                     f"(`flwr log`) kept breaking; see {self.log}"}]  # fmt: skip
+            return [{"event": "failed", "time": time.time(), "error": (
+                f"the ServerApp's log stream (`flwr log`) broke for over {self.GIVE_UP_AFTER:.0f} s while "
+                f"the run went on; see {self.log}")}]  # fmt: skip
+        self.restart_at, self.backoff = now + self.backoff, min(self.backoff * 2, 30.0)
+        return []
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The run finished (the SuperLink says so): the rest of its log, then how it ended."""
+        if self.done:
+            return []
+        self._stop_stream()
+        if not self.status.get("status", "").startswith("finished"):
+            self.status = self.cli.status(self.run_id)
+        time.sleep(FINAL_LOG_WAIT)  # Flower uploads the last lines as the ServerApp exits
+        whole = self.cli.show_log(self.run_id)
+        events: list[dict[str, Any]] = []
+        if whole is not None:
+            self.skip = 0
+            rest = whole.encode("utf-8")[self.fed :]
+            events += self._feed(rest)
         self.done = True
-        events = self.reader.feed(self.decoder.decode(b"", final=True)) + self.reader.close()
+        events += self.reader.feed(self.decoder.decode(b"", final=True)) + self.reader.close()
+        state = str(self.status.get("status", ""))
         if state == "finished:completed":
             return [*events, {"event": "finished", "time": time.time()}]
         details = self.status.get("status-details") or "no details"
         return [*events, {"event": "failed", "time": time.time(), "error": f"Flower says {state}: {details}"}]
 
-    def close(self) -> None:
+    def _stop_stream(self) -> None:
         if self.proc is not None:
             self.procs.stop(self.proc)
             self.proc = None
+
+    def close(self) -> None:
+        self._stop_stream()
 
 
 def submit(cli: FlwrCli, app_dir: Path, run_config: Path | None) -> int:
@@ -164,11 +197,15 @@ def follow(
     flower_run_id: int,
     watch: Callable[[], None],
     settings: AppSettings,
+    timeout: float | None = None,
 ) -> None:
     """Follow the ServerApp's events until it finishes; raise RunFailed if anything fails.
-    `watch` is called about once a second (it may take a while: starting a replacement)."""
-    # Waiting for the nodes, every round's train phase and the evaluate phase(s), plus slack.
-    allowed = settings.node_wait_timeout + 60 + (settings.num_server_rounds + 1) * 2 * settings.round_timeout
+    `watch` is called about once a second (it may take a while: starting a replacement).
+    The run may take `timeout` seconds; by default what the built-in app's settings allow:
+    waiting for the nodes, every round's train phase and the evaluate phase(s), plus slack."""
+    allowed = timeout or (
+        settings.node_wait_timeout + 60 + (settings.num_server_rounds + 1) * 2 * settings.round_timeout
+    )
     deadline = time.monotonic() + allowed
     last_news = time.monotonic()
     last_check = 0.0
@@ -191,8 +228,11 @@ def follow(
         if now - last_news > STATUS_CHECK_AFTER:
             status = cli.status(flower_run_id)
             if str(status.get("status", "")).startswith("finished"):
-                # What the ServerApp wrote last may still be on its way (a log stream closes
-                # within a second of the run's end).
+                if isinstance(tail, LogTail):  # its stream may lag: read the whole log instead
+                    tail.status = status
+                    for event in tail.finish():
+                        state.apply(event)
+                # The built-in app's last events may still be on their way.
                 settle = time.monotonic() + 10.0
                 while state.status not in ("finished", "failed") and time.monotonic() < settle:
                     for event in tail.read():
@@ -200,6 +240,8 @@ def follow(
                     time.sleep(EVENT_POLL)
                 if state.status == "finished":
                     return
+                if state.status == "failed":
+                    raise RunFailed(f"the ServerApp failed: {state.error}")
                 raise RunFailed(
                     f"Flower run {flower_run_id} ended as {status.get('status')}: "
                     f"{status.get('status-details')}. The ServerApp's log is the SuperLink's "
