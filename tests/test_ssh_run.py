@@ -41,7 +41,7 @@ from fedfleet.stages import configure
 from .sshlab import Lab, host_entry, why_skip
 
 # One lab, its tests in order (`make test` runs the e2e tests in one process).
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.ssh]  # `make test-ssh`
 
 VMS = ("us-vm-1", "us-vm-2", "asia-vm-1", "asia-vm-2", "eu-vm-1", "eu-vm-2")
 PARTICIPANTS = {"hospital-us": "us", "hospital-asia": "asia", "hospital-eu": "eu"}
