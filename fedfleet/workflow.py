@@ -334,7 +334,9 @@ class Run:
         self.s, self.plan, self.record, self.timings, self.observer = s, plan, record, timings, observer
         self.run_dir = s.paths.runs() / record.run_id
         self.server_out = f"{s.hosts['aggregator'].home.rstrip('/')}/{SERVER_RUNS}/{record.run_id}"
-        self.state = RunState(plan.settings.num_server_rounds)
+        foreign = s.stack.flower_app
+        unknown = foreign is not None and foreign.app.rounds_key is None  # its [ROUND n/N] says
+        self.state = RunState(0 if unknown else plan.settings.num_server_rounds)
         self.cli: FlwrCli | None = None
         # Everything the playbook starts on a local host carries the run's marker: if the
         # stop playbook cannot run, the process group still finds and stops it.
@@ -392,6 +394,17 @@ class Run:
 
     def _train(self) -> None:
         """Submit the app, follow the ServerApp's progress, watch and fail over meanwhile."""
+        aggregator = self.s.hosts["aggregator"]
+        pointer = f"{aggregator.home.rstrip('/')}/{SERVER_RUNS}/{SERVERAPP_DIR}"
+        try:
+            self._submit_and_follow(pointer)
+        finally:
+            # A later ServerApp on this SuperLink (one started by hand) starts in its own place.
+            with contextlib.suppress(FedfleetError):
+                aggregator.write(pointer, b"")
+        self.timings.mark("trained")
+
+    def _submit_and_follow(self, pointer: str) -> None:
         settings = replace(self.plan.settings, output_dir=self.server_out)
         cli = self.cli
         assert cli is not None
@@ -400,7 +413,7 @@ class Run:
         # Where the ServerApp starts (the SuperLink role's flwr-serverapp reads it): a foreign
         # app's relative writes land in the run's output/, collected into runs/<run-id>/output/.
         start_in = f"{self.server_out}/{APP_OUTPUT}" if foreign else self.server_out
-        aggregator.write(f"{aggregator.home.rstrip('/')}/{SERVER_RUNS}/{SERVERAPP_DIR}", start_in.encode())
+        aggregator.write(pointer, start_in.encode())
         if foreign is None:
             self.fleet.tell_server(f"{self.server_out}/{fleet.FLEET_FILE}")
             run_config: Path | None = write_run_config(
@@ -414,7 +427,10 @@ class Run:
         self.observer.stage("submit", f"flwr run {shown}")
         self.record.flower_run_id = train.submit(cli, self._app(), run_config)
         self.timings.mark("submitted")
-        self.observer.stage("training", f"{settings.num_server_rounds} rounds")
+        if foreign is None or foreign.app.rounds_key is not None:
+            self.observer.stage("training", f"{settings.num_server_rounds} rounds")
+        else:
+            self.observer.stage("training", "as many rounds as the app runs")
         tail: train.EventTail | train.LogTail
         if foreign is None:
             tail = train.EventTail(aggregator, f"{self.server_out}/{train.EVENTS}")
@@ -429,14 +445,10 @@ class Run:
                 timeout=timeout,
             )  # fmt: skip
         finally:
-            # A later ServerApp on this SuperLink (one started by hand) starts in its own place.
-            with contextlib.suppress(FedfleetError):
-                aggregator.write(f"{aggregator.home.rstrip('/')}/{SERVER_RUNS}/{SERVERAPP_DIR}", b"")
             if isinstance(tail, train.LogTail):
                 tail.close()
                 atomic_write(self.run_dir / SERVERAPP_LOG, tail.reader.text)
                 self.record.flower_status = tail.status or None
-        self.timings.mark("trained")
 
     def _app(self) -> Path:
         """The app `flwr run` submits: fl/ as it is, a copy with the stack's model file in it

@@ -163,6 +163,11 @@ def test_the_stack_names_the_app_its_overrides_and_node_config(tmp_path: Path, a
             {"nodeConfig": {"k": [1]}},
             r"fedfleet:app\.nodeConfig\.k: must be a string, a finite number or a boolean",
         ),
+        (
+            {"nodeConfig": {"k": float("inf")}},
+            r"fedfleet:app\.nodeConfig\.k: must be a string, a finite number",
+        ),
+        ({"nodeConfig": {"k": 'eu "west"'}}, r"fedfleet:app\.nodeConfig\.k: cannot hold a double quote"),
     ],
 )
 def test_bad_app_keys_are_named(tmp_path: Path, app: Path, keys: dict, match: str):
@@ -521,6 +526,7 @@ def test_failed_rounds_odd_numbers_and_the_initial_evaluation_are_read():
     assert state.completed_rounds == 1 and not state.rounds[1].trained
     assert {"round": 1, "phase": "train", "node": 42, "reason": "ClientApp raised ValueError"} in state.errors
     assert any(e["round"] == 2 and "1 of 2 replies failed" in e["reason"] for e in state.errors)
+    assert len([e for e in state.errors if e["round"] == 1]) == 1  # each failure said once
     # A -inf is no number to record, but the rest of the record and the names stay.
     assert state.rounds[2].train == {"train-inf": 1.0, "x": 2.0}
 
@@ -577,3 +583,14 @@ def test_the_log_tail_restarts_a_broken_stream_and_reads_the_last_lines_at_the_e
     assert [e for e in tail.reader.lines if e.endswith("[ROUND 2/2]")] != [] and state.completed_rounds == 2
     assert tail.reader.text.count("[ROUND 1/2]") == 1 and "Final results:" in tail.reader.text
     assert state.rounds[2].evaluation == {"loss": 0.2, "accuracy": 0.95}
+
+
+def test_a_strategy_of_the_apps_own_is_read_in_the_order_strategy_start_logs():
+    lines = ["[ROUND 1/1]", "\t└──> Aggregated MetricRecord: {'a': 1.0}", "\t└──> Aggregated MetricRecord: {'b': 2.0}",
+             "Strategy execution finished in 1.00s"]  # fmt: skip
+    reader = LogReader(clock=lambda: 1.0)
+    state = RunState(0)
+    for event in reader.feed(flower_lines(*lines)) + reader.close():
+        state.apply(event)
+    assert state.rounds[1].train == {"a": 1.0} and state.rounds[1].evaluation == {"b": 2.0}
+    assert state.completed_rounds == 1

@@ -78,7 +78,11 @@ FAB_FILES = (
     "*.py", "*.toml", "*.md", "*.yaml", "*.yml", "*.json", "*.jsonl", "LICENSE", "LICENSE.md",
     ".gitignore", ".editorconfig",  # Flower applies the app's .gitignore when it builds the FAB
 )  # fmt: skip
-FAB_SKIP_DIRS = (".venv", "venv", ".git", "__pycache__", ".flwr", "build", "dist", ".eggs", "node_modules")
+FAB_SKIP_DIRS = (
+    ".venv",
+    "__pycache__",
+    ".flwr",
+)  # as Flower's own file filter (fab-exclude may name the rest)
 # Console scripts a Flower app's own environment needs: SuperExec starts them by name.
 APP_SCRIPTS = {"flwr-clientapp": "flwr.supernode.cli:flwr_clientapp"}
 
@@ -90,7 +94,7 @@ def _fab_only(directory: str, names: list[str]) -> set[str]:
         if path.is_symlink():
             skip.add(name)  # Flower leaves links out of a FAB too
         elif path.is_dir():
-            if name in FAB_SKIP_DIRS or name.endswith(".egg-info"):
+            if name in FAB_SKIP_DIRS:
                 skip.add(name)
         elif not any(fnmatch.fnmatch(name, pattern) for pattern in FAB_FILES):
             skip.add(name)
@@ -183,17 +187,16 @@ class FlwrCli:
         keeps it, from the start, until the run finishes (then the process ends). The text
         comes on stdout, Flower's own messages on stderr."""
         # Unbuffered: `flwr log` prints each chunk as it comes, not when 8 KiB have gathered.
-        env = flower_env(self.flwr_home, {"PYTHONUNBUFFERED": "1"})
+        env = flower_env(self.flwr_home, {"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
         return [tool("flwr"), "log", str(run_id), self.connection, "--stream"], env
 
     def show_log(self, run_id: int, timeout: float = 60.0) -> str | None:
         """`flwr log RUN --show`: the ServerApp's whole output as the SuperLink has it now
         (None if it could not be read)."""
         argv = [tool("flwr"), "log", str(run_id), self.connection, "--show"]
+        env = flower_env(self.flwr_home, {"PYTHONIOENCODING": "utf-8"})  # Flower's └──> in any locale
         try:
-            done = subprocess.run(
-                argv, env=flower_env(self.flwr_home), capture_output=True, timeout=timeout, check=False
-            )
+            done = subprocess.run(argv, env=env, capture_output=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             return None
         return done.stdout.decode("utf-8", errors="replace") if done.returncode == 0 else None

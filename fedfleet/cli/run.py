@@ -75,13 +75,14 @@ class LiveDisplay:
         state = self.state
         planned = state.rounds_planned if state else self.rounds or 0
         table = Table(title=None, box=None, header_style="bold", pad_edge=False)
-        columns = _metric_columns(state)
+        source = _metric_source(state)
+        columns = _metric_columns(state, source)
         for column in ("round", *(label for _, label in columns), "seconds"):
             table.add_column(column, justify="right")
         if state is not None:
             for number in sorted(state.rounds):
                 record = state.rounds[number]
-                m = record.evaluation or record.server or record.train
+                m = getattr(record, source)
                 seconds = record.seconds
                 table.add_row(
                     str(number),
@@ -121,13 +122,22 @@ BUILT_IN = (
 )
 
 
-def _metric_columns(state: RunState | None) -> tuple[tuple[str, str], ...]:
+def _metric_source(state: RunState | None) -> str:
+    """Which metrics the table shows: the evaluation's (the built-in app's always), else a
+    foreign app's server-side evaluation, else its training metrics."""
+    rounds = state.rounds.values() if state else []
+    if any(r.evaluation for r in rounds) or not any(r.server or r.train for r in rounds):
+        return "evaluation"
+    return "server" if any(r.server for r in rounds) else "train"
+
+
+def _metric_columns(state: RunState | None, source: str) -> tuple[tuple[str, str], ...]:
     """The built-in app's five metrics, or the first five a foreign app reports."""
     if state is None:
         return BUILT_IN
     seen: dict[str, None] = {}
     for record in state.rounds.values():
-        for name in record.evaluation or record.server or record.train:
+        for name in getattr(record, source):
             seen[name] = None
     if not seen or set(seen) <= {name for name, _ in BUILT_IN}:
         return BUILT_IN

@@ -86,6 +86,8 @@ class LogReader:
         self.phase: str | None = None  # train, evaluate or server: what the next record is
         self.metrics_seen = False
         self.trained = False  # the round in progress got at least one training result
+        self.records = 0  # Aggregated MetricRecord lines in the round in progress
+        self.pending: dict[str, Any] | None = None  # a phase's failures, until its per-node lines
         self.history: dict[str, list[str]] = {}
         self.in_history: str | None = None
         self.lines: list[str] = []  # the whole log, without colour codes
@@ -102,6 +104,9 @@ class LogReader:
         """The end of the log: what is left of the last line, the round in progress, the History."""
         out = self._line(self.partial) if self.partial else []
         self.partial = ""
+        if self.pending is not None:
+            out.append(self.pending)
+            self.pending = None
         out += self._end_round()
         out += self._history_events()
         return out
@@ -125,9 +130,14 @@ class LogReader:
         if self.in_history is not None and self._history_line(msg):
             return out
         text = msg.strip("\t ")
+        reply_error = REPLY_ERROR.match(msg.lstrip(" "))
+        if self.pending is not None and reply_error is None:
+            out.append(self.pending)  # failures no node-by-node line explained
+        if reply_error is None:
+            self.pending = None
         if match := ROUND.match(text):
             out += self._end_round()
-            self.round, self.phase, self.trained = int(match["n"]), None, False
+            self.round, self.phase, self.trained, self.records = int(match["n"]), None, False, 0
             if match["total"]:
                 out.append(self._event("planned", rounds=int(match["total"])))
             out.append(self._event("round-start", round=self.round))
@@ -136,9 +146,10 @@ class LogReader:
             failures = int(match["failures"])
             if self.phase == "train" and int(match["results"]) > 0:
                 self.trained = True
-            if failures and self.round is not None:
-                out.append(self._failures(failures, int(match["results"])))
-        elif (match := REPLY_ERROR.match(msg.lstrip(" "))) and self.round is not None:
+            if failures and self.round is not None:  # said once: per node if Flower names them
+                self.pending = self._failures(failures, int(match["results"]))
+        elif (match := reply_error) and self.round is not None:
+            self.pending = None  # the failures, node by node
             out.append(
                 self._event("errors", round=self.round, phase=self.phase,
                             errors=[{"node": int(match["node"]), "reason": match["error"]}])
@@ -152,10 +163,15 @@ class LogReader:
             self.phase = "server"
         elif (match := AGGREGATED.match(msg.lstrip(" "))) and self.round is not None:
             values = numbers(match["record"])
-            if values is not None and self.phase in ("train", "evaluate"):
+            # Strategy.start logs the train record, then the evaluate one; a strategy of the
+            # app's own may not say which phase replied (Flower's own say aggregate_*: ...).
+            phase = self.phase or ("train" if self.records == 0 else "evaluate")
+            self.records += 1
+            if values is not None and phase in ("train", "evaluate"):
                 self.metrics_seen = self.metrics_seen or bool(values)
-                kind = "train-done" if self.phase == "train" else "evaluated"
+                kind = "train-done" if phase == "train" else "evaluated"
                 out.append(self._event(kind, round=self.round, metrics=values))
+                self.trained = self.trained or phase == "train"
             self.phase = None
         elif (match := SERVER_RECORD.match(msg.lstrip(" "))) and self.phase == "server":
             values = numbers(match["record"])

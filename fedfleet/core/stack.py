@@ -949,6 +949,10 @@ def _node_config(r: _Reader) -> dict[str, Scalar]:
             isinstance(value, float) and not math.isfinite(value)
         ):
             raise r.fail(f"must be a string, a finite number or a boolean (got {value!r})", f"{r.key}.{key}")
+        if isinstance(value, str) and '"' in value:
+            raise r.fail(
+                "cannot hold a double quote (Flower's --node-config cannot carry it)", f"{r.key}.{key}"
+            )
         out[key] = value
     return out
 

@@ -159,7 +159,8 @@ def ansible_inventory(
     else:
         shared |= {
             "flower_supernode_app_src": str(app_archive(paths)),
-            "flower_common_packages": host_requirements() + app_requirements(source.app if source else None),
+            # By name and version range: a URL requirement's wheel is in the cache, found there.
+            "flower_common_packages": host_requirements() + (app_distributions(source.app) if source else []),
         }
         if source is not None:  # looked for on every host before its services start
             shared["flower_common_app_distributions"] = app_distributions(source.app)

@@ -230,17 +230,15 @@ def follow(
             if str(status.get("status", "")).startswith("finished"):
                 if isinstance(tail, LogTail):  # its stream may lag: read the whole log instead
                     tail.status = status
-                    for event in tail.finish():
-                        state.apply(event)
-                # The built-in app's last events may still be on their way.
-                settle = time.monotonic() + 10.0
-                while state.status not in ("finished", "failed") and time.monotonic() < settle:
-                    for event in tail.read():
-                        state.apply(event)
-                    time.sleep(EVENT_POLL)
+                    new = tail.finish()
+                else:
+                    new = tail.read()
+                for event in new:
+                    state.apply(event)
+                display.update(state)
                 if state.status == "finished":
                     return
-                if state.status == "failed":
+                if isinstance(tail, LogTail) and state.status == "failed":
                     raise RunFailed(f"the ServerApp failed: {state.error}")
                 raise RunFailed(
                     f"Flower run {flower_run_id} ended as {status.get('status')}: "
