@@ -127,7 +127,7 @@ def test_the_node_config_the_app_reads_is_found_in_its_code(app: Path):
     (app / "tests").mkdir()
     (app / "tests" / "helper.py").write_text("x = context.node_config['only-in-tests']\n")  # not in the FAB
     missing = flowerapp.missing_node_config(
-        app,
+        flowerapp.node_config_reads(app),
         {"a": {"data-path", "partition-id", "num-partitions"}, "b": {"site-secret", *flowerapp_keys()}},
     )
     found = [(str(m.file), m.key, m.line, lacking) for m, lacking in missing]
@@ -250,7 +250,12 @@ def test_a_node_config_key_no_site_has_is_named_before_anything_starts(tmp_path:
     # Given for every participant, the same app passes that check.
     stack = load_stack(project_with_app(tmp_path / "2", app, nodeConfig={"site-root": "/d"}), "local")
     assert stack.flower_app is not None
-    reads = {r.key for r, _ in flowerapp.missing_node_config(stack.flower_app.app.dir, {"p": {"site-root"}})}
+    reads = {
+        r.key
+        for r, _ in flowerapp.missing_node_config(
+            flowerapp.node_config_reads(stack.flower_app.app.dir), {"p": {"site-root"}}
+        )
+    }
     assert "site-root" not in reads
 
 

@@ -185,11 +185,9 @@ def _print_result(console: Console, summary: dict[str, Any]) -> None:
     )
     app = summary.get("app")
     if app is not None:
-        last = next((r for r in reversed(summary["rounds"]) if r["metrics"] or r.get("server_metrics")), None)
-        shown = ", ".join(
-            f"{k} {v:.4g}"
-            for k, v in ((last or {}).get("metrics") or (last or {}).get("server_metrics") or {}).items()
-        )
+        reported = [r["metrics"] or r.get("server_metrics") for r in summary["rounds"]]
+        last: dict[str, float] = next((m for m in reversed(reported) if m), {})
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
         console.print(
             f"app {app['app']} {app['version']}: " + (f"last round {shown}" if shown else app.get("note", ""))
         )

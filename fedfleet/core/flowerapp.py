@@ -16,7 +16,7 @@ import math
 import re
 import sys
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,6 @@ FLWR_VERSION = "1.41.0"  # what fedfleet's hosts run (requirements.lock): the ap
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,31}$")  # as `flwr build` requires
 COMPONENT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 Scalar = str | int | float | bool
-# Directories the app copy and the node-config scan leave out (Flower's FAB leaves them out too).
-SKIP_DIRS = frozenset({".venv", "venv", ".git", "__pycache__", ".flwr", "build", "dist", ".eggs"})
 
 
 @dataclass(frozen=True)
@@ -225,7 +223,7 @@ def node_config_reads(directory: Path) -> list[NodeConfigRead]:
     (`"k" in context.node_config`) counts as guarded. A static scan: keys built at run time
     are not seen."""
     out: list[NodeConfigRead] = []
-    for file in python_files(directory):
+    for file in sorted(directory.rglob("*.py")):
         try:
             tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -266,20 +264,14 @@ def _is_node_config(node: ast.expr) -> bool:
     )
 
 
-def python_files(directory: Path) -> Iterator[Path]:
-    for path in sorted(directory.rglob("*.py")):
-        if not SKIP_DIRS.intersection(path.relative_to(directory).parts[:-1]):
-            yield path
-
-
 def missing_node_config(
-    directory: Path, given: Mapping[str, set[str]]
+    reads: list[NodeConfigRead], given: Mapping[str, set[str]]
 ) -> list[tuple[NodeConfigRead, list[str]]]:
-    """Keys the code under `directory` requires that some participant's SuperNode would not
-    have: (the first read, the participants lacking it)."""
+    """Of `reads` (node_config_reads), the keys required that some participant's SuperNode
+    would not have: (the first read, the participants lacking it)."""
     out = []
     seen: set[str] = set()
-    for read in node_config_reads(directory):
+    for read in reads:
         if not read.required or read.key in seen:
             continue
         seen.add(read.key)
@@ -287,11 +279,6 @@ def missing_node_config(
         if lacking:
             out.append((read, lacking))
     return out
-
-
-def reads(directory: Path, key: str) -> bool:
-    """Whether the code under `directory` reads node-config `key` at all."""
-    return any(r.key == key for r in node_config_reads(directory))
 
 
 def shown(requirement: str) -> str:

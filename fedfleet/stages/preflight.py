@@ -192,8 +192,9 @@ def flower_app(stack: StackConfig, project_dir: Path, paths: StackPaths, staged:
         unpacked = tmp / "fab"
         with zipfile.ZipFile(fab) as archive:
             archive.extractall(unpacked)  # our own build of a copy we made: names are plain
-        _node_config(stack, unpacked, app)
-        _local_sites(stack, project_dir, unpacked)
+        reads = flowerapp.node_config_reads(unpacked)  # the code in the FAB, scanned once
+        _node_config(stack, reads, app)
+        _local_sites(stack, project_dir, reads)
         try:
             env = pip.app_env(
                 paths.app_env(flowerapp.env_key(app)), list(app.dependencies), pip.LOCK, dict(APP_SCRIPTS)
@@ -226,13 +227,13 @@ def flower_app(stack: StackConfig, project_dir: Path, paths: StackPaths, staged:
     }
 
 
-def _node_config(stack: StackConfig, fab: Path, app: flowerapp.FlowerApp) -> None:
+def _node_config(stack: StackConfig, reads: list[flowerapp.NodeConfigRead], app: flowerapp.FlowerApp) -> None:
     source = stack.flower_app
     assert source is not None
     given = {
         p: set(NODE_KEYS) | set(config) for p, config in source.node_config_for(stack.participants).items()
     }
-    for read, lacking in flowerapp.missing_node_config(fab, given):
+    for read, lacking in flowerapp.missing_node_config(reads, given):
         raise ConfigError(
             f"{app.dir / read.file}:{read.line} reads context.node_config[{read.key!r}], which no "
             f"SuperNode of {', '.join(lacking)} would have: set it in {stack.path} under "
@@ -242,14 +243,14 @@ def _node_config(stack: StackConfig, fab: Path, app: flowerapp.FlowerApp) -> Non
         )
 
 
-def _local_sites(stack: StackConfig, project_dir: Path, fab: Path) -> None:
+def _local_sites(stack: StackConfig, project_dir: Path, reads: list[flowerapp.NodeConfigRead]) -> None:
     """The local stack's sites: the demo partitions written (if the stack has them), and each
     site's directory there if the app reads data-path (an app may read none: Flower's examples
     partition a dataset by partition-id)."""
     if not stack.is_local:
         return
     paths = _sites(stack, project_dir, stack.app.test_fraction)
-    if not flowerapp.reads(fab, "data-path"):
+    if not any(r.key == "data-path" for r in reads):
         return
     for index, (name, path) in enumerate(paths.items()):
         if not path.is_dir():
