@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedfleet-installed
 ARGS   ?=
 
-.PHONY: setup run test test-ssh test-fast lint lint-playbooks typecheck bench bench-plan bench-seed bench-ssh case-study clean
+.PHONY: setup run test test-ssh test-fast lint lint-playbooks typecheck bench bench-plan bench-seed bench-registry bench-ssh case-study clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "fedfleet needs Python 3.11 (set PYTHON=...)"'
@@ -61,6 +61,9 @@ bench-plan: $(STAMP)
 
 bench-seed: $(STAMP)
 	$(BIN)/python bench/bench_seed.py $(ARGS)
+
+bench-registry: $(STAMP)
+	$(BIN)/python bench/bench_registry.py $(ARGS)
 
 bench-ssh: $(STAMP)
 	$(BIN)/python bench/bench_ssh.py $(ARGS)

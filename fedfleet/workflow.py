@@ -38,6 +38,7 @@ from typing import Any, Protocol
 from fedfleet_app.settings import AppSettings
 
 from fedfleet.adapters import ansible
+from fedfleet.adapters import mlflow as registry_store
 from fedfleet.adapters.flwr import FlwrCli, stage_app, tool, write_run_config
 from fedfleet.adapters.processes import ProcessGroup, reap_leftovers
 from fedfleet.core.errors import ConfigError, FedfleetError
@@ -47,6 +48,7 @@ from fedfleet.core.init import render as render_stack
 from fedfleet.core.inventory import Inventory
 from fedfleet.core.paths import StackPaths, locked, stack_paths
 from fedfleet.core.records import RunRecord, RunState, Timings
+from fedfleet.core.registry import Choice, Criteria
 from fedfleet.core.selection import Verdict
 from fedfleet.core.stack import (
     MODELS_PACKAGE,
@@ -60,6 +62,8 @@ from fedfleet.core.stack import (
 from fedfleet.core.util import atomic_write
 from fedfleet.hosts import Hosts, endpoint, for_stack
 from fedfleet.stages import collect, configure, fleet, plan, preflight, probe, provision, train
+from fedfleet.stages import record as recording
+from fedfleet.stages import resume as resume_stage
 
 SERVER_RUNS = "runs"  # under the aggregator's fedfleet home: one output directory per run
 SERVERAPP_DIR = ".serverapp-dir"  # in it: where the next ServerApp starts (flwr-serverapp reads it)
@@ -172,9 +176,11 @@ def run(
     rounds: int | None = None,
     observer: Observer | None = None,
     app: Path | None = None,
+    resume: str | None = None,
 ) -> dict[str, Any]:
     """One federated training on a stack; its summary (also runs/<run-id>/summary.json).
-    `app`: a Flower app of your own to run instead of the stack's."""
+    `app`: a Flower app of your own to run instead of the stack's; `resume`: a run to continue
+    from its last committed round instead of a new one."""
     observer = observer or _Quiet()
     timings = Timings()
     stack = load_stack(project_dir, stack_name)
@@ -188,6 +194,10 @@ def run(
         if stack.flower_app is not None:
             source = set_rounds(stack.flower_app, rounds)
             stack = replace(stack, flower_app=source, app=with_rounds(stack.app, source))
+    resumption = None
+    if resume is not None:
+        resumption = resume_stage.check(stack, project_dir, resume, settings, rounds)
+        settings = replace(settings, num_server_rounds=resumption.rounds)
     planned = _placement(stack, observer)
     if stack.model is not None:  # before any host is touched
         observer.stage("model", f"{stack.model.setting}: built once for the stack's image size")
@@ -216,10 +226,34 @@ def run(
         if configure.needs_wheels(stack):
             observer.stage("wheels", "the hosts' packages, for an offline install (built once)")
             wheels = configure.wheel_cache(s.paths, stack.flower_app.app if stack.flower_app else None)
+        if resumption is not None:
+            _resume_from(s, resumption, observer)
+        # Reached once the checks passed (a run refused nothing writes) and before any host is configured.
+        registry = open_registry(stack, project_dir, observer) if stack.registry.record else None
         timings.mark("setup")
-        record = _record(stack, settings, s.inventory, planned, order, verdicts, sites)
-        record.model, record.app = model, app_info
-        return Run(s, RunPlan(settings, verdicts, order, wheels, staged), record, timings, observer).go()
+        run_record = _record(stack, settings, s.inventory, planned, order, verdicts, sites)
+        run_record.model, run_record.app = model, app_info
+        if resumption is not None:
+            run_record.run_id = resumption.run_id
+        plan_ = RunPlan(settings, verdicts, order, wheels, staged, resumption)
+        return Run(s, plan_, run_record, timings, observer, registry).go()
+
+
+def _resume_from(s: Session, r: resume_stage.Resumption, observer: Observer) -> None:
+    """The run's earlier output (fetched from the aggregator if the runner died before
+    collecting it), and the newest usable checkpoint in it."""
+    aggregator = s.hosts["aggregator"]
+    for attempt in range(1, r.attempt):
+        source = resume_stage.server_dir(aggregator.home, r.run_id, attempt)
+        with contextlib.suppress(
+            FedfleetError
+        ):  # an aggregator that is gone: runs/<run-id>/ is what there is
+            collect.merge(aggregator, source, r.run_dir, attempt, resume_stage.events_file(attempt))
+    resume_stage.latest(r)
+    skipped = f"; skipped: {'; '.join(r.skipped)}" if r.skipped else ""
+    observer.stage(
+        "resume", f"run {r.run_id} after its round {r.done} (of {r.rounds}), attempt {r.attempt}{skipped}"
+    )
 
 
 @contextmanager
@@ -246,6 +280,20 @@ def checked_app(
         yield preflight.flower_app(stack, project_dir, paths, staged), staged
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def registry_for(stack: StackConfig, project_dir: Path) -> registry_store.Registry:
+    """The stack's model registry (not yet reached)."""
+    where = f"{stack.path}: fedfleet:registry.trackingUri"
+    return registry_store.Registry(registry_store.resolve(project_dir, stack.registry.tracking_uri, where))
+
+
+def open_registry(stack: StackConfig, project_dir: Path, observer: Observer) -> registry_store.Registry:
+    """The stack's model registry, reached once before any host is touched."""
+    registry = registry_for(stack, project_dir)
+    observer.stage("registry", f"MLflow at {registry.store.shown} (experiment {stack.name})")
+    registry.check()
+    return registry
 
 
 def _placement(stack: StackConfig, observer: Observer) -> dict[str, Any]:
@@ -283,7 +331,9 @@ def _record(
     if stack.flower_app is not None:
         run_settings: dict[str, Any] = dict(stack.flower_app.run_config)
     else:
-        run_settings = {k: v for k, v in settings.to_run_config().items() if k != "output-dir"}
+        run_settings = {
+            k: v for k, v in settings.to_run_config().items() if k not in ("output-dir", "resume-from")
+        }
     return RunRecord(
         run_id=new_run_id(),
         stack=stack.name,
@@ -322,6 +372,7 @@ class RunPlan:
     order: dict[str, list[str]]
     wheels: Path | None
     staged: Path | None = None  # a Flower app of your own: the copy `flwr run` gets
+    resumption: resume_stage.Resumption | None = None  # a run continued from its last commit
 
 
 class Run:
@@ -329,14 +380,30 @@ class Run:
     whatever happened (the summary is written on every way out)."""
 
     def __init__(
-        self, s: Session, plan: RunPlan, record: RunRecord, timings: Timings, observer: Observer
+        self,
+        s: Session,
+        plan: RunPlan,
+        record: RunRecord,
+        timings: Timings,
+        observer: Observer,
+        registry: registry_store.Registry | None = None,
     ) -> None:
         self.s, self.plan, self.record, self.timings, self.observer = s, plan, record, timings, observer
         self.run_dir = s.paths.runs() / record.run_id
-        self.server_out = f"{s.hosts['aggregator'].home.rstrip('/')}/{SERVER_RUNS}/{record.run_id}"
+        attempt = plan.resumption.attempt if plan.resumption is not None else 1
+        self.server_out = resume_stage.server_dir(s.hosts["aggregator"].home, record.run_id, attempt)
+        self.recorder: recording.Recorder | None = None
+        if registry is not None:
+            kind = None if s.stack.flower_app else recording.ModelKind(plan.settings, s.stack.model)
+            self.recorder = recording.Recorder(
+                registry, s.stack.name, record.run_id, kind=kind, aggregator=s.hosts["aggregator"],
+                server_out=self.server_out, scratch=self.run_dir / ".registry-code",
+            )  # fmt: skip
         foreign = s.stack.flower_app
         unknown = foreign is not None and foreign.app.rounds_key is None  # its [ROUND n/N] says
         self.state = RunState(0 if unknown else plan.settings.num_server_rounds)
+        if plan.resumption is not None:
+            resume_stage.seed(plan.resumption, self.state)
         self.cli: FlwrCli | None = None
         # Everything the playbook starts on a local host carries the run's marker: if the
         # stop playbook cannot run, the process group still finds and stops it.
@@ -349,9 +416,16 @@ class Run:
         self.fleet = fleet.Fleet(s.hosts, plan.order, self.launcher, rules, observer.stage)
 
     def go(self) -> dict[str, Any]:
-        self.run_dir.mkdir(parents=True)
+        r = self.plan.resumption
+        self.run_dir.mkdir(parents=True, exist_ok=r is not None)
+        if r is not None and (self.run_dir / "summary.json").exists():  # kept beside the new one
+            shutil.copyfile(
+                self.run_dir / "summary.json", self.run_dir / f"summary-attempt-{r.attempt - 1}.json"
+            )
         try:
             try:
+                if self.recorder is not None:
+                    self.recorder.start(*_registry_fields(self.record, self.s.stack), resume=r is not None)
                 self._start()
                 self._train()
             except BaseException:
@@ -369,14 +443,42 @@ class Run:
             self.record.status = "completed"
         finally:
             self.record.orchestration = self.fleet.to_dict()
+            if r is not None:
+                self.record.attempts = resume_stage.attempts(r, self.fleet.serving)
+            if (
+                self.record.status != "completed"
+                and self.s.stack.flower_app is None
+                and self.state.completed_rounds
+            ):
+                self.record.resume = f"fedfleet run --stack {self.s.stack.name} --resume {self.record.run_id}"
+            if self.recorder is not None:
+                self.record.registry = self.recorder.drain()
             self.timings.mark("stopped")
             summary = self.record.summary(self.state, self.timings)
             collect.write_summary(self.run_dir, summary)
+            if self.recorder is not None:
+                errors = len(self.recorder.errors)
+                self.recorder.close(summary, self.run_dir)
+                if len(self.recorder.errors) > errors:  # the record's own end failed: say so
+                    collect.write_summary(self.run_dir, summary)
+                shutil.rmtree(self.run_dir / ".registry-code", ignore_errors=True)
         return summary
 
     def _start(self) -> None:
         """The SuperLink and one connected SuperNode per participant (site.yml; the playbook
-        registers node keys through the operator's `flwr`, so its connection comes first)."""
+        registers node keys through the operator's `flwr`, so its connection comes first).
+        A resumed run first stops what the earlier attempt left anywhere on the stack, and
+        starts the SuperLink from a fresh state (its old one counts the SuperNodes of a dead
+        SuperLink as connected for a minute, refusing them); the keys register again."""
+        if self.plan.resumption is not None:
+            self.observer.stage("stop", f"playbooks/{ansible.STOP}: what the earlier attempt left running")
+            everything = ["aggregator", *(vm.name for vm in self.s.inventory.vms())]
+            ansible.apply(
+                ansible.STOP, self.launcher.inventory_for([]), limit=",".join(everything),
+                envvars=self.launcher.envvars, check=False, cancellable=False,
+            )  # fmt: skip
+            self.launcher.fresh_superlink = True
+            self.launcher.forget_registrations()
         self.cli = self.s.operator_cli()
         order = self.plan.order
         self.observer.stage(
@@ -406,6 +508,13 @@ class Run:
 
     def _submit_and_follow(self, pointer: str) -> None:
         settings = replace(self.plan.settings, output_dir=self.server_out)
+        r = self.plan.resumption
+        if r is not None and r.checkpoint is not None:  # the commit it continues from, on the aggregator
+            target = f"{self.server_out}/resume/{r.checkpoint.name}"
+            self.s.hosts["aggregator"].write(target, r.checkpoint.read_bytes())
+            manifest = r.checkpoint.with_suffix(".json")
+            self.s.hosts["aggregator"].write(target.removesuffix(".npz") + ".json", manifest.read_bytes())
+            settings = replace(settings, resume_from=target)
         cli = self.cli
         assert cli is not None
         foreign = self.s.stack.flower_app
@@ -427,6 +536,7 @@ class Run:
         self.observer.stage("submit", f"flwr run {shown}")
         self.record.flower_run_id = train.submit(cli, self._app(), run_config)
         self.timings.mark("submitted")
+        sink = None if self.recorder is None else self.recorder.events
         if foreign is None or foreign.app.rounds_key is not None:
             self.observer.stage("training", f"{settings.num_server_rounds} rounds")
         else:
@@ -442,8 +552,12 @@ class Run:
         try:
             train.follow(
                 tail, self.state, self.observer, cli, self.record.flower_run_id, self.fleet.check, settings,
-                timeout=timeout,
+                timeout=timeout, sink=sink,
             )  # fmt: skip
+            if foreign is None and self.recorder is not None:  # the FAB's hash, for the record
+                with contextlib.suppress(FedfleetError):
+                    status = cli.status(self.record.flower_run_id)
+                    self.record.flower_status = {k: v for k, v in status.items() if k.startswith("fab-")}
         finally:
             if isinstance(tail, train.LogTail):
                 tail.close()
@@ -468,12 +582,41 @@ class Run:
             probe.record_served(self.s.paths, self.plan.verdicts, self.fleet.serving)
 
     def _collect(self) -> None:
-        _collect(self.s.hosts, self.fleet, self.server_out, self.run_dir, self.record)
+        r = self.plan.resumption
+        if r is None:
+            _collect(self.s.hosts, self.fleet, self.server_out, self.run_dir, self.record)
+        else:
+            try:
+                collect.merge(
+                    self.s.hosts["aggregator"], self.server_out, self.run_dir, r.attempt,
+                    resume_stage.events_file(r.attempt),
+                )  # fmt: skip
+            except FedfleetError as err:
+                self.record.collect_errors.append(f"aggregator: {err}")
+            self.record.collect_errors += collect.logs(
+                self.s.hosts, ["aggregator", *self.fleet.used], self.run_dir, f"logs/attempt-{r.attempt}"
+            )
         output = self.run_dir / APP_OUTPUT
         if self.record.app is not None and output.is_dir():
             self.record.app["output"] = sorted(
                 str(f.relative_to(self.run_dir)) for f in output.rglob("*") if f.is_file()
             )
+
+
+def _registry_fields(run: RunRecord, stack: StackConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """A run's MLflow parameters (what it was set up with) and first tags."""
+    names = recording.names
+    params = names.flat_params("app", run.settings)
+    params |= names.flat_params("placement", run.aggregator.get("planned", {}))
+    params["participants"] = ",".join(p["name"] for p in run.participants)
+    for p in run.participants:
+        params[f"participant.{p['name']}.vms"] = ",".join([p["vm"], *p.get("failover_order", [])])
+    if run.app is not None:
+        params |= names.flat_params("flower_app", {k: run.app.get(k) for k in ("fab_id", "version", "path")})
+    elif run.model is not None:
+        params |= names.flat_params("model", run.model)
+    tags = {"fedfleet.kind": stack.kind, "fedfleet.status": "running"}
+    return params, tags
 
 
 def _stop(launcher: configure.Configurer, f: fleet.Fleet, record: RunRecord) -> None:
@@ -513,6 +656,40 @@ def _collect(hosts: Hosts, f: fleet.Fleet, server_out: str, run_dir: Path, recor
                 f"aggregator: the run's output held {', '.join(refused)}, which fedfleet writes itself: not copied"
             )
     record.collect_errors += collect.logs(hosts, ["aggregator", *f.used], run_dir)
+
+
+# -- fedfleet models | ui -----------------------------------------------------------------
+
+
+def registry_at(project_dir: Path, stack_name: str | None) -> registry_store.Registry:
+    """The registry of a stack (its fedfleet:registry.trackingUri), or without one the
+    project's (MLFLOW_TRACKING_URI, else the project's own store); reached once."""
+    if stack_name is not None:
+        registry = registry_for(load_stack(project_dir, stack_name), project_dir)
+    else:
+        registry = registry_store.Registry(registry_store.resolve(project_dir, None, ""))
+    database = registry.store.database
+    if database is not None and not database.exists():
+        raise ConfigError(
+            f"no runs recorded yet: {database} does not exist (`fedfleet run` records every run there)"
+        )
+    registry.check()
+    return registry
+
+
+def models_list(project_dir: Path, stack_name: str | None, run_id: str | None) -> list[dict[str, Any]]:
+    return recording.listing(registry_at(project_dir, stack_name), stack_name, run_id)
+
+
+def models_best(
+    project_dir: Path, stack_name: str, run_id: str | None, wanted: Criteria
+) -> tuple[Choice, dict[str, Any]]:
+    return recording.best(registry_at(project_dir, stack_name), stack_name, run_id, wanted)
+
+
+def models_download(project_dir: Path, stack_name: str | None, spec: str, dest: Path) -> dict[str, Any]:
+    registry = registry_at(project_dir, stack_name)
+    return recording.download(registry, recording.resolve_model(registry, stack_name, spec), dest)
 
 
 # -- fedfleet configure | stop | vms -----------------------------------------------------

@@ -87,7 +87,7 @@ def rebuild(models: Path, state_file: Path) -> torch.nn.Module:
     return net
 
 
-def test_init_then_configure_then_two_rounds_with_your_own_model(make_project):
+def test_init_then_configure_then_two_rounds_with_your_own_model(make_project, tmp_path: Path):
     project = make_project()
     (project / "models").mkdir()
     (project / "models" / "mlp.py").write_text(MLP)
@@ -152,6 +152,74 @@ def test_init_then_configure_then_two_rounds_with_your_own_model(make_project):
     }  # fmt: skip
     assert summary["stop"]["seconds"] > 0
     assert running_processes_mentioning(str(project)) == []
+    check_registry(project, summary, tmp_path)
+
+
+def check_registry(project: Path, summary: dict, tmp_path: Path) -> None:
+    """The run's MLflow record matches summary.json round by round; its best model, downloaded,
+    loads with plain PyTorch and with MLflow and scores what was recorded on each site's test split."""
+    import mlflow
+    import mlflow.pytorch
+    from fedfleet_app.data import load_site
+
+    from fedfleet.core.paths import data_path
+    from fedfleet.workflow import registry_for
+
+    stack = load_stack(project, "lab")
+    assert summary["registry"]["errors"] == [] and summary["registry"]["models_recorded"] == 3
+    client = mlflow.MlflowClient(registry_for(stack, project).store.uri)
+    run = client.get_run(summary["registry"]["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["fedfleet.run_id"] == summary["run_id"]
+    assert (
+        run.data.params["app.num-server-rounds"] == "2"
+        and run.data.params["model.model"] == "models/mlp.py:build"
+    )
+    assert run.data.tags["fedfleet.fab_hash"] == summary["flower_status"]["fab-hash"]
+    for r in summary["rounds"]:
+        for key, value in r["metrics"].items():
+            history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+            assert history[r["round"]] == pytest.approx(value), (key, r["round"])
+        for site in r["sites"]["evaluate"] or []:
+            history = client.get_metric_history(
+                run.info.run_id, f"participant/{site['participant']}/accuracy"
+            )
+            assert {m.step: m.value for m in history}[r["round"]] == pytest.approx(site["accuracy"])
+    best = summary["best_round"]["round"]
+    out = fedfleet(
+        project, "models", "download", f"{summary['run_id']}:best", "-o", str(tmp_path / "best"), "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    about = json.loads(out.stdout)
+    assert about["round"] == best and about["source"] == "mlp.py"
+    plain = rebuild_plain(tmp_path / "best", about)
+    via_mlflow = mlflow.pytorch.load_model(str(tmp_path / "best" / "mlflow-model"))
+    recorded = {r["round"]: r for r in summary["rounds"]}[best]
+    correct = total = 0
+    for p in stack.participants:
+        _, test = load_site(data_path(stack, project, p.name), stack.app.data_spec)
+        with torch.no_grad():
+            x = torch.from_numpy(test.x)
+            assert torch.allclose(plain(x), via_mlflow(x))
+            hits = int((plain(x).argmax(1).numpy() == test.y).sum())
+        site = next(s for s in recorded["sites"]["evaluate"] or [] if s["participant"] == p.name)
+        assert hits / len(test) == pytest.approx(site["accuracy"])
+        correct, total = correct + hits, total + len(test)
+    assert correct / total == pytest.approx(recorded["metrics"]["accuracy"])
+
+
+def rebuild_plain(directory: Path, about: dict) -> torch.nn.Module:
+    """A downloaded model as plain PyTorch rebuilds it: the source file, then the state_dict."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("downloaded", directory / about["source"])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = module.build(
+        num_classes=about["num_classes"], channels=about["channels"], image_size=about["image_size"]
+    )
+    net.load_state_dict(torch.load(directory / about["state_dict"], weights_only=True))
+    return net.eval()
 
 
 def kill_vm(project: Path, vm: str) -> None:
@@ -377,3 +445,71 @@ def test_a_flower_app_of_your_own_runs_unchanged_with_its_own_dependency(make_pr
     # flwr run got a copy: the app's own pyproject (with its federations table) is untouched.
     assert (app / "pyproject.toml").read_bytes() == pyproject
     assert running_processes_mentioning(str(project)) == []
+
+
+def test_a_run_whose_aggregator_is_killed_resumes_with_every_round_once(make_project):
+    """SIGKILL the aggregator (its supervisor, SuperLink and ServerApp) in round 2 of 4: the
+    run stops saying how to resume; `--resume` goes on from round 1's commit on fresh
+    services, and rounds 1..4 appear exactly once, in summary.json and in MLflow."""
+    import mlflow
+
+    from fedfleet.workflow import registry_for
+
+    config = local_config(vms_per_participant=1)
+    config["fedfleet:participants"] = config["fedfleet:participants"][:2]
+    config["fedfleet:app"] = {"strategy": "fedadam", "strategy-options": {"eta": 0.01}}
+    project = make_project(config)
+    proc = start_run(project, "--rounds", "4", "--json")
+    wait_until(lambda: started_round(project, 2), 300, "round 2", proc)
+    pidfile = project / ".fedfleet" / "local" / "aggregator" / "supervisor" / "supervisord.pid"
+    for pid in tree([int(pidfile.read_text())]):
+        os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 5, err
+    (run_dir,) = (project / "runs").glob("2*")
+    failed = json.loads((run_dir / "summary.json").read_text())
+    assert failed["status"] == "failed" and "aggregator does not answer" in failed["error"]
+    assert failed["resume"] == f"fedfleet run --stack local --resume {run_dir.name}"
+    assert running_processes_mentioning(str(project)) == []
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fedfleet", "--project", str(project), "run", "--resume", run_dir.name, "--json"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["run_id"] == run_dir.name and summary["status"] == "completed"
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3, 4] and summary["rounds_completed"] == 4
+    first, second = summary["attempts"]
+    assert first["status"] == "failed" and second["resumed_after_round"] >= 1
+    done = second["resumed_after_round"]
+    # Every round exactly once: one round-end per round over both attempts' events, one model each.
+    ends = []
+    for events in (run_dir / "events.jsonl", run_dir / "events-attempt-2.jsonl"):
+        ends += [json.loads(x)["round"] for x in events.read_text().splitlines() if '"round-end"' in x]
+    assert sorted(set(ends)) == [0, 1, 2, 3, 4]
+    assert [n for n in ends if n > done] == list(range(done + 1, 5))  # the resumed attempt repeats none
+    assert sorted(p.name for p in (run_dir / "models").glob("round-*.pt")) == [
+        f"round-{n}.pt" for n in range(5)
+    ]
+    assert json.loads((run_dir / "summary-attempt-1.json").read_text())["status"] == "failed"
+    # The accuracy went on improving from where it was (FedAdam's moments restored).
+    rounds = {r["round"]: r for r in summary["rounds"]}
+    assert rounds[4]["metrics"]["accuracy"] > rounds[1]["metrics"]["accuracy"]
+    # One MLflow run, continued: each round's metrics and model once.
+    client = mlflow.MlflowClient(registry_for(load_stack(project, "local"), project).store.uri)
+    (record,) = client.search_runs(
+        [client.get_experiment_by_name("local").experiment_id], f"tags.`fedfleet.run_id` = '{run_dir.name}'"
+    )
+    assert record.info.status == "FINISHED" and record.data.tags["fedfleet.resumed"] == "true"
+    steps = [m.step for m in client.get_metric_history(record.info.run_id, "accuracy")]
+    assert sorted(steps) == [0, 1, 2, 3, 4]
+    models = client.search_logged_models(experiment_ids=[record.info.experiment_id])
+    assert sorted(int(m.tags["fedfleet.round"]) for m in models) == [0, 1, 2, 3, 4]
+    assert running_processes_mentioning(str(project)) == []
+    # A completed run does not resume.
+    again = subprocess.run(
+        [sys.executable, "-m", "fedfleet", "--project", str(project), "run", "--resume", run_dir.name],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert again.returncode == 2 and "nothing to resume" in again.stderr

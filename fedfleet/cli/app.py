@@ -16,6 +16,7 @@ from rich.markup import escape
 from fedfleet import __version__
 from fedfleet.cli import configure as configure_cmd
 from fedfleet.cli import init as init_cmd
+from fedfleet.cli import models as models_cmd
 from fedfleet.cli import plan as plan_cmd
 from fedfleet.cli import promote as promote_cmd
 from fedfleet.cli import run as run_cmd
@@ -80,6 +81,8 @@ app.command("stop", help=configure_cmd.STOP_HELP)(configure_cmd.stop_command)
 app.command("vms", help=vms_cmd.HELP)(vms_cmd.command)
 app.command("trust", help=trust_cmd.HELP)(trust_cmd.command)
 app.command("init", help=init_cmd.HELP)(init_cmd.command)
+app.add_typer(models_cmd.app, name="models")
+app.command("ui", help=models_cmd.UI_HELP)(models_cmd.ui_command)
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:

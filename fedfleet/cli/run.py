@@ -16,6 +16,7 @@ from rich.text import Text
 
 from fedfleet import workflow
 from fedfleet.cli.progress import PlayProgress
+from fedfleet.core.errors import FedfleetError
 from fedfleet.core.records import RunState
 
 HELP = (
@@ -29,6 +30,21 @@ APP_HELP = (
     "and [tool.flwr.app]), deployed unchanged: as fedfleet:app.path in the stack file."
 )
 JSON_HELP = "Print the run's summary.json to stdout instead of the live display."
+RESUME_HELP = (
+    "Continue RUN (a run ID under runs/) from its last committed round: after its runner, aggregator or "
+    "SuperLink died, on the same or other VMs; the stack's app settings must be those it started with."
+)
+
+
+def _resume_hint(project: Path) -> str | None:
+    """The `resume` command the newest run's summary.json gives, if it was written just now."""
+    runs = sorted((project / "runs").glob("2*/summary.json"), key=lambda p: p.stat().st_mtime)
+    if not runs or time.time() - runs[-1].stat().st_mtime > 60:
+        return None
+    try:
+        return json.loads(runs[-1].read_text()).get("resume")
+    except (OSError, ValueError):
+        return None
 
 
 class LiveDisplay:
@@ -156,6 +172,7 @@ def command(
     stack: str = typer.Option("local", "--stack", help=STACK_HELP),
     rounds: int | None = typer.Option(None, "--rounds", min=1, help=ROUNDS_HELP),
     app: Path | None = typer.Option(None, "--app", help=APP_HELP),
+    resume: str | None = typer.Option(None, "--resume", metavar="RUN", help=RESUME_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     from fedfleet.cli.app import project_dir
@@ -164,7 +181,12 @@ def command(
     console = Console(stderr=as_json)
     display = None if as_json else LiveDisplay(console, rounds)
     try:
-        summary = workflow.run(project, stack, rounds=rounds, observer=display, app=app)
+        summary = workflow.run(project, stack, rounds=rounds, observer=display, app=app, resume=resume)
+    except FedfleetError as err:
+        hint = _resume_hint(project)
+        if hint:
+            err.args = (f"{err}; what was trained is kept: resume with `{hint}`",)
+        raise
     finally:
         if display is not None:
             display.close()

@@ -189,6 +189,9 @@ class RunRecord:
     app: dict[str, Any] | None = None  # a Flower app of the user's own (None: the built-in app)
     orchestration: dict[str, Any] | None = None
     collect_errors: list[str] = field(default_factory=list)
+    registry: dict[str, Any] | None = None  # where the run is recorded (MLflow), and how that went
+    attempts: list[dict[str, Any]] | None = None  # a resumed run: each attempt, the last one this
+    resume: str | None = None  # a run that stopped after committed rounds: the command that resumes it
 
     def serve(self, serving: dict[str, str]) -> None:
         """Which VM serves each participant now (the first that connected)."""
@@ -243,6 +246,9 @@ class RunRecord:
             "stop_error": self.stop_error,
             "orchestration": self.orchestration,
             "collect_errors": self.collect_errors or None,
+            "registry": self.registry,
+            "attempts": self.attempts,
+            "resume": self.resume,
         }
         out |= {k: v for k, v in optional.items() if v is not None}
         marks = timings.marks

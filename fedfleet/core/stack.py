@@ -61,6 +61,7 @@ TOP_KEYS = (
     "local",
     "orchestrator",
     "ssh",
+    "registry",
 )
 ONPREM = "onprem"  # the cloud of a participant whose VMs are machines of its own
 HOST_KEYS = ("address", "ssh", "home", "python", "venv", "install", "serviceManager", "runtimePort")
@@ -205,6 +206,15 @@ class LocalSettings:
 
 
 @dataclass(frozen=True)
+class RegistrySettings:
+    """Where every run is recorded (`fedfleet:registry`): MLflow's tracking URI (None: the
+    environment's MLFLOW_TRACKING_URI, else the project's own store), and whether to record."""
+
+    tracking_uri: str | None = None
+    record: bool = True
+
+
+@dataclass(frozen=True)
 class Orchestrator:
     """How participant VMs are picked: what a VM needs to serve, and how long a probe and a
     SuperNode's first connection to the SuperLink may take."""
@@ -277,6 +287,7 @@ class StackConfig:
     orchestrator: Orchestrator = Orchestrator()
     model: ModelSource | None = None
     flower_app: AppSource | None = None  # None: the built-in app (fl/)
+    registry: RegistrySettings = RegistrySettings()
 
     @property
     def is_local(self) -> bool:
@@ -398,6 +409,7 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
     placement = _placement(r.child("placement", default={}), path.parent.parent)
     local = _local(r.child("local")) if is_local else None
     orchestrator = _orchestrator(r.child("orchestrator", default={}))
+    registry = _registry(r.child("registry", default={}))
     if local is not None:
         _check_ports(path, aggregator, participants)
         vms = sum(len(p.vms) for p in participants)
@@ -419,6 +431,7 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
         orchestrator,
         model,
         source,
+        registry,
     )
 
 
@@ -795,6 +808,22 @@ def _orchestrator(r: _Reader) -> Orchestrator:
     )
 
 
+def _registry(r: _Reader) -> RegistrySettings:
+    if r.value is None:
+        r = _Reader(r.path, r.key, {})
+    r.only(("trackingUri", "record"))
+    uri = r.text("trackingUri", "") if r.child("trackingUri", None).value is not None else None
+    if uri is not None and "://" not in uri and not uri.startswith(("databricks", "/")):
+        raise r.child("trackingUri").fail(
+            f"{uri!r} is not a tracking URI MLflow takes: use http(s)://host:port for a tracking server, "
+            "sqlite:///path/to/mlflow.db for a database, or leave it out for the project's own store"
+        )
+    record = r.child("record", True)
+    if not isinstance(record.value, bool):
+        raise record.fail(f"must be true or false (got {record.value!r})")
+    return RegistrySettings(uri, record.value)
+
+
 def _demo(r: _Reader) -> DemoData | None:
     r.only(("demo",))
     if "demo" not in r.value:
@@ -820,7 +849,7 @@ def _app(
     if "model" in values:
         model = _model(r.child("model"), project_dir)
         values["model"] = model.ref
-    for key in ("output-dir", "simulation-data-root"):
+    for key in ("output-dir", "simulation-data-root", "resume-from"):
         if key in values:
             raise r.fail("is set by fedfleet for each run; remove it", f"{r.key}.{key}")
     if demo is not None:

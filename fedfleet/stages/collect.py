@@ -42,9 +42,43 @@ def results(aggregator: Host, server_out: str, run_dir: Path) -> list[str]:
         return refused
 
 
-def logs(hosts: Mapping[str, Host], names: Iterable[str], run_dir: Path) -> list[str]:
-    """Each host's service logs into `run_dir/logs/`; the hosts whose logs could not be copied."""
-    target = run_dir / "logs"
+MERGED = ("models", "checkpoints")  # an attempt's files join the run's own
+
+
+def merge(aggregator: Host, server_out: str, run_dir: Path, attempt: int, events: str) -> list[str]:
+    """An attempt of a resumed run into the run's directory, replacing nothing: its models and
+    checkpoints join the run's, its events become `events` (one file per attempt), the rest
+    goes to `attempt-<n>/` (attempt 1: the run directory itself). What was already there."""
+    kept = []
+    with tempfile.TemporaryDirectory(prefix="fedfleet-results-", dir=run_dir) as tmp:
+        if not aggregator.fetch(server_out, Path(tmp)):
+            return []
+        for entry in sorted(Path(tmp).iterdir()):
+            if entry.name in MERGED and entry.is_dir():
+                (run_dir / entry.name).mkdir(exist_ok=True)
+                for file in sorted(entry.iterdir()):
+                    if (run_dir / entry.name / file.name).exists():
+                        kept.append(f"{entry.name}/{file.name}")
+                    else:
+                        file.rename(run_dir / entry.name / file.name)
+                continue
+            if entry.name == "events.jsonl":
+                target = run_dir / events
+            elif attempt == 1:
+                target = run_dir / entry.name
+            else:
+                (run_dir / f"attempt-{attempt}").mkdir(exist_ok=True)
+                target = run_dir / f"attempt-{attempt}" / entry.name
+            if entry.name in OWN or target.exists():
+                kept.append(entry.name)
+            else:
+                entry.rename(target)
+    return kept
+
+
+def logs(hosts: Mapping[str, Host], names: Iterable[str], run_dir: Path, into: str = "logs") -> list[str]:
+    """Each host's service logs into `run_dir/<into>/`; the hosts whose logs could not be copied."""
+    target = run_dir / into
     target.mkdir(parents=True, exist_ok=True)
     problems = []
     for name in dict.fromkeys(names):

@@ -266,9 +266,12 @@ class Configurer:
         self.progress = progress
         self.wheels = wheels
         self.report: dict[str, Any] = {}  # the first play's (the run's configure)
+        # The next start of the SuperLink begins with an empty state database (a resumed run),
+        # so every SuperNode key registers again.
+        self.fresh_superlink = False
 
     def inventory_for(self, serving: Iterable[str]) -> dict[str, Any]:
-        return ansible_inventory(
+        hosts = ansible_inventory(
             self.stack,
             self.inventory,
             self.paths,
@@ -277,6 +280,17 @@ class Configurer:
             flwr_bin=self.flwr_bin,
             wheels=self.wheels,
         )
+        if self.fresh_superlink:
+            hosts["all"]["children"]["aggregator"]["hosts"]["aggregator"]["flower_superlink_fresh_state"] = (
+                True
+            )
+        return hosts
+
+    def forget_registrations(self) -> None:
+        """The controller's records of registered SuperNode keys: the next start registers
+        every key again (after a fresh SuperLink state)."""
+        for record in self.paths.node_keys.glob("*.registered"):
+            record.unlink()
 
     def start(self, serving: Collection[str], limit: Collection[str]) -> dict[str, str]:
         """site.yml on `limit` with `serving` as the SuperNodes; per host that failed, why.
@@ -291,6 +305,8 @@ class Configurer:
         )
         if not self.report:
             self.report = play.to_dict()
+        if "aggregator" in limit:
+            self.fresh_superlink = False
         problems = {p.host: f"{p.task}: {p.message}" for p in play.problems}
         if "aggregator" in limit and "aggregator" in problems:
             raise ansible.ConfigureFailed(

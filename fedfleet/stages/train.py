@@ -198,9 +198,11 @@ def follow(
     watch: Callable[[], None],
     settings: AppSettings,
     timeout: float | None = None,
+    sink: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> None:
     """Follow the ServerApp's events until it finishes; raise RunFailed if anything fails.
-    `watch` is called about once a second (it may take a while: starting a replacement).
+    `watch` is called about once a second (it may take a while: starting a replacement);
+    `sink` gets every batch of events too (the registry's recorder).
     The run may take `timeout` seconds; by default what the built-in app's settings allow:
     waiting for the nodes, every round's train phase and the evaluate phase(s), plus slack."""
     allowed = timeout or (
@@ -209,10 +211,16 @@ def follow(
     deadline = time.monotonic() + allowed
     last_news = time.monotonic()
     last_check = 0.0
-    while True:
-        new = tail.read()
+
+    def take(new: list[dict[str, Any]]) -> None:
         for event in new:
             state.apply(event)
+        if new and sink is not None:
+            sink(new)
+
+    while True:
+        new = tail.read()
+        take(new)
         if new:
             last_news = time.monotonic()
             display.update(state)
@@ -233,8 +241,7 @@ def follow(
                     new = tail.finish()
                 else:
                     new = tail.read()
-                for event in new:
-                    state.apply(event)
+                take(new)
                 display.update(state)
                 if state.status == "finished":
                     return

@@ -4,17 +4,25 @@ Writes to `output-dir` (on the SuperLink host):
     events.jsonl          one JSON object per event, appended as the run goes
     models/round-N.pt     each round's global model (torch state_dict), round 0 included
     models/model.json     what is needed to rebuild the network for those weights
+    checkpoints/round-N.npz, .json
+                          the last two rounds' commits: the global weights and the strategy's
+                          server state (round-N.json, written last, holds the .npz's SHA-256);
+                          what `fedfleet run --resume` continues from
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -28,6 +36,66 @@ app = ServerApp()
 REPLY_POLL_SECONDS = 0.25
 # Written by fedfleet beside the events (see Fleet).
 FLEET_FILE = "fleet.json"
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the file and the fix."""
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write then rename, flushed to disk: a reader sees the whole file or none."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def save_checkpoint(
+    directory: Path, server_round: int, weights: np.ndarray, state: dict[str, np.ndarray], strategy: str
+) -> Path:
+    """A round's commit: weights and strategy state (.npz), then its manifest (.json)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    arrays: dict[str, Any] = {"weights": weights, **{f"state/{k}": v for k, v in state.items()}}
+    np.savez(buffer, allow_pickle=False, **arrays)
+    data = buffer.getvalue()
+    write_durably(directory / f"round-{server_round}.npz", data)
+    manifest = {
+        "round": server_round,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "strategy": strategy,
+        "state": sorted(state),
+    }
+    write_durably(directory / f"round-{server_round}.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    for old in directory.glob("round-*.json"):
+        number = int(old.stem.removeprefix("round-"))
+        if number <= server_round - KEEP_CHECKPOINTS:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".npz").unlink(missing_ok=True)
+    return directory / f"round-{server_round}.npz"
+
+
+def load_checkpoint(path: Path) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
+    """(round, weights, strategy state) of a checkpoint whose manifest vouches for it."""
+    manifest_path = path.with_suffix(".json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        data = path.read_bytes()
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({err})") from err
+    if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint {path}: its SHA-256 does not match {manifest_path.name} (corrupted)"
+        )
+    with np.load(io.BytesIO(data)) as npz:
+        weights = npz["weights"]
+        state = {k.removeprefix("state/"): npz[k] for k in npz.files if k.startswith("state/")}
+    return int(manifest["round"]), weights, state
 
 
 class NodesMissing(RuntimeError):
@@ -225,20 +293,33 @@ class Recorder:
         self._events.write(json.dumps(event) + "\n")
         self._events.flush()
 
-    def checkpoint(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Save the global model after each round (Flower calls this with round 0 first)."""
+    def checkpoint(
+        self, server_round: int, arrays: ArrayRecord, strategy: RecordedStrategy | None = None
+    ) -> MetricRecord | None:
+        """Save the global model after each round (Flower calls this with round 0 first), and
+        commit the round (weights and the strategy's state) before the next one starts."""
         path = self.models / f"round-{server_round}.pt"
         tmp = path.with_suffix(".tmp")
         settings = self.settings
+        weights = arrays[WEIGHTS].numpy()
         net = load_vector(
             build_model(
                 settings.channels, settings.num_classes, model=settings.model, image_size=settings.image_size
             ),
-            arrays[WEIGHTS].numpy(),
+            weights,
         )
         torch.save(net.state_dict(), tmp)
         tmp.replace(path)
-        self.emit("round-end", round=server_round, model=str(path.relative_to(self.models.parent)))
+        state = strategy.state() if strategy is not None else {}
+        saved = save_checkpoint(
+            self.models.parent / CHECKPOINTS, server_round, weights, state, settings.strategy
+        )
+        self.emit(
+            "round-end",
+            round=server_round,
+            model=str(path.relative_to(self.models.parent)),
+            checkpoint=str(saved.relative_to(self.models.parent)),
+        )
         return None
 
     def close(self) -> None:
@@ -271,13 +352,30 @@ def main(grid: Grid, context: Context) -> None:
             image_size=settings.image_size,
         )
         strategy = RecordedStrategy(build_strategy(settings), settings, recorder.emit)
-        strategy.start(
-            grid=prompt_grid,
-            initial_arrays=ArrayRecord({WEIGHTS: Array(to_vector(model))}),
-            num_rounds=settings.num_server_rounds,
-            timeout=settings.round_timeout,
-            evaluate_fn=recorder.checkpoint,
-        )
+
+        def commit(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            return recorder.checkpoint(server_round, arrays, strategy)
+
+        if settings.resume_from:
+            done, weights, state = load_checkpoint(Path(settings.resume_from))
+            restored = strategy.restore(state)
+            recorder.emit("resumed", round=done, restored=restored)
+            strategy.resume(
+                prompt_grid,
+                ArrayRecord({WEIGHTS: Array(weights)}),
+                done + 1,
+                settings.num_server_rounds,
+                settings.round_timeout,
+                commit,
+            )
+        else:
+            strategy.start(
+                grid=prompt_grid,
+                initial_arrays=ArrayRecord({WEIGHTS: Array(to_vector(model))}),
+                num_rounds=settings.num_server_rounds,
+                timeout=settings.round_timeout,
+                evaluate_fn=commit,
+            )
         recorder.emit("finished", rounds=settings.num_server_rounds)
     except BaseException as err:
         recorder.emit("failed", error=f"{type(err).__name__}: {err}")

@@ -95,6 +95,9 @@ class AppSettings:
     # Under Flower's simulation engine a node's config holds only partition-id:
     # its data is then read from <simulation-data-root>/<partition-id>.
     simulation_data_root: str = ""
+    # A resumed run: the checkpoint (checkpoints/round-K.npz, on the aggregator) it continues
+    # from, with rounds K+1 .. num-server-rounds; "" starts from round 1.
+    resume_from: str = ""
 
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "at least 1")

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Strategy
@@ -41,6 +44,47 @@ class RoundFailed(RuntimeError):
     """Too few participants replied to a round."""
 
 
+# The server-side state of Flower's strategies, by attribute: FedAdam, FedYogi and FedAdagrad
+# keep their moments (m_t, v_t), FedAvgM its momentum; every strategy here gets the current
+# global arrays with each round. A resumed run restores these exactly.
+STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "current_arrays")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """The strategy's server state as flat named arrays (`attr/key`, `attr/#i`, `attr/@key`)."""
+    out: dict[str, np.ndarray] = {}
+    for attr in STATE_ATTRIBUTES:
+        value = getattr(strategy, attr, None)
+        if value is None:
+            continue
+        if isinstance(value, ArrayRecord):
+            out |= {f"{attr}/@{k}": a.numpy() for k, a in value.items()}
+        elif isinstance(value, dict):
+            out |= {f"{attr}/{k}": np.asarray(v) for k, v in value.items()}
+        elif isinstance(value, list):
+            out |= {f"{attr}/#{i}": np.asarray(v) for i, v in enumerate(value)}
+    return out
+
+
+def restore_state(strategy: Strategy, state: dict[str, np.ndarray]) -> list[str]:
+    """Put back what `strategy_state` took; the attributes restored."""
+    restored = []
+    for attr in STATE_ATTRIBUTES:
+        items = {k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == attr}
+        if not items or not hasattr(strategy, attr):
+            continue
+        first = next(iter(items))
+        if first.startswith("@"):
+            value: Any = ArrayRecord({k[1:]: Array(v) for k, v in items.items()})
+        elif first.startswith("#"):
+            value = [items[f"#{i}"] for i in range(len(items))]
+        else:
+            value = dict(items)
+        setattr(strategy, attr, value)
+        restored.append(attr)
+    return restored
+
+
 def build_strategy(settings: AppSettings) -> Strategy:
     """The configured Flower strategy, every participant sampled in every round."""
     options: dict[str, Any] = dict(settings.strategy_options)  # checked per strategy in settings.py
@@ -63,6 +107,46 @@ class RecordedStrategy(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+    def state(self) -> dict[str, np.ndarray]:
+        return strategy_state(self.inner)
+
+    def restore(self, state: dict[str, np.ndarray]) -> list[str]:
+        return restore_state(self.inner, state)
+
+    def resume(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        first_round: int,
+        num_rounds: int,
+        timeout: float,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
+    ) -> ArrayRecord:
+        """Rounds `first_round`..`num_rounds` from `arrays` (a checkpoint's), as Strategy.start
+        runs each round (train, evaluate, then `evaluate_fn`), with the rounds' real numbers:
+        strategies that count rounds (FedAdam's bias correction) go on as if never stopped."""
+        log(INFO, "Resuming %s at round %s of %s", type(self.inner).__name__, first_round, num_rounds)
+        train_config, evaluate_config = ConfigRecord(), ConfigRecord()
+        for current in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", current, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(current, arrays, train_config, grid), timeout=timeout
+            )
+            aggregated, metrics = self.aggregate_train(current, replies)
+            if aggregated is not None:
+                arrays = aggregated
+            if metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(current, arrays, evaluate_config, grid), timeout=timeout
+            )
+            evaluated = self.aggregate_evaluate(current, replies)
+            if evaluated is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", evaluated)
+            evaluate_fn(current, arrays)
+        return arrays
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
