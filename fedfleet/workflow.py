@@ -243,12 +243,21 @@ def _resume_from(s: Session, r: resume_stage.Resumption, observer: Observer) -> 
     """The run's earlier output (fetched from the aggregator if the runner died before
     collecting it), and the newest usable checkpoint in it."""
     aggregator = s.hosts["aggregator"]
+    resume_stage.mark(r)  # this attempt's number is taken, whatever happens to it
+    # First stop what an earlier attempt left running (a killed runner's ServerApp goes on
+    # committing rounds), then fetch what it wrote.
+    observer.stage("stop", f"playbooks/{ansible.STOP}: what the earlier attempts left running")
+    everything = ["aggregator", *(vm.name for vm in s.inventory.vms())]
+    with contextlib.suppress(FedfleetError):  # a host that is gone runs nothing
+        ansible.apply(
+            ansible.STOP, s.ansible_inventory([]), limit=",".join(everything), check=False, cancellable=False
+        )
     for attempt in range(1, r.attempt):
         source = resume_stage.server_dir(aggregator.home, r.run_id, attempt)
-        with contextlib.suppress(
-            FedfleetError
-        ):  # an aggregator that is gone: runs/<run-id>/ is what there is
+        try:
             collect.merge(aggregator, source, r.run_dir, attempt, resume_stage.events_file(attempt))
+        except FedfleetError as err:  # an aggregator that is gone: runs/<run-id>/ is what there is
+            r.unreachable.append(f"attempt {attempt}'s output on the aggregator: {err}")
     resume_stage.latest(r)
     skipped = f"; skipped: {'; '.join(r.skipped)}" if r.skipped else ""
     observer.stage(
@@ -397,7 +406,7 @@ class Run:
             kind = None if s.stack.flower_app else recording.ModelKind(plan.settings, s.stack.model)
             self.recorder = recording.Recorder(
                 registry, s.stack.name, record.run_id, kind=kind, aggregator=s.hosts["aggregator"],
-                server_out=self.server_out, scratch=self.run_dir / ".registry-code",
+                server_out=self.server_out, scratch=self.run_dir / ".registry-code", local=self.run_dir,
             )  # fmt: skip
         foreign = s.stack.flower_app
         unknown = foreign is not None and foreign.app.rounds_key is None  # its [ROUND n/N] says
@@ -422,10 +431,11 @@ class Run:
             shutil.copyfile(
                 self.run_dir / "summary.json", self.run_dir / f"summary-attempt-{r.attempt - 1}.json"
             )
+        if r is None:
+            resume_stage.write_identity(self.run_dir, self.s.stack)
+        self._open_record()
         try:
             try:
-                if self.recorder is not None:
-                    self.recorder.start(*_registry_fields(self.record, self.s.stack), resume=r is not None)
                 self._start()
                 self._train()
             except BaseException:
@@ -438,6 +448,14 @@ class Run:
                     self._collect()
         except BaseException as err:
             self.record.fail(err)
+            if (
+                self.s.stack.flower_app is None
+                and self.state.completed_rounds
+                and (self.run_dir / resume_stage.CHECKPOINTS).is_dir()
+            ):
+                self.record.resume = f"fedfleet run --stack {self.s.stack.name} --resume {self.record.run_id}"
+                if isinstance(err, FedfleetError):
+                    err.args = (f"{err}; the rounds trained are kept: resume with `{self.record.resume}`",)
             raise
         else:
             self.record.status = "completed"
@@ -445,38 +463,42 @@ class Run:
             self.record.orchestration = self.fleet.to_dict()
             if r is not None:
                 self.record.attempts = resume_stage.attempts(r, self.fleet.serving)
-            if (
-                self.record.status != "completed"
-                and self.s.stack.flower_app is None
-                and self.state.completed_rounds
-            ):
-                self.record.resume = f"fedfleet run --stack {self.s.stack.name} --resume {self.record.run_id}"
-            if self.recorder is not None:
-                self.record.registry = self.recorder.drain()
             self.timings.mark("stopped")
+            # summary.json first (a second Ctrl-C must not cost it), then the record's end.
             summary = self.record.summary(self.state, self.timings)
             collect.write_summary(self.run_dir, summary)
             if self.recorder is not None:
-                errors = len(self.recorder.errors)
+                summary["registry"] = self.recorder.drain(
+                    10.0 if self.record.status == "interrupted" else 60.0
+                )
                 self.recorder.close(summary, self.run_dir)
-                if len(self.recorder.errors) > errors:  # the record's own end failed: say so
-                    collect.write_summary(self.run_dir, summary)
-                shutil.rmtree(self.run_dir / ".registry-code", ignore_errors=True)
+                collect.write_summary(self.run_dir, summary)
+                if self.recorder.idle:
+                    shutil.rmtree(self.run_dir / ".registry-code", ignore_errors=True)
         return summary
+
+    def _open_record(self) -> None:
+        """The run's record in the registry (a resumed run's goes on, the rounds it lacks
+        recorded first); a registry that fails here costs the record, not the run."""
+        if self.recorder is None:
+            return
+        r = self.plan.resumption
+        try:
+            self.recorder.start(*_registry_fields(self.record, self.s.stack), resume=r is not None)
+        except FedfleetError as err:
+            self.record.registry = {"errors": [f"not recorded: {err}"]}
+            self.recorder = None
+            return
+        if r is not None:
+            self.recorder.events(r.seeded)
 
     def _start(self) -> None:
         """The SuperLink and one connected SuperNode per participant (site.yml; the playbook
         registers node keys through the operator's `flwr`, so its connection comes first).
-        A resumed run first stops what the earlier attempt left anywhere on the stack, and
-        starts the SuperLink from a fresh state (its old one counts the SuperNodes of a dead
-        SuperLink as connected for a minute, refusing them); the keys register again."""
-        if self.plan.resumption is not None:
-            self.observer.stage("stop", f"playbooks/{ansible.STOP}: what the earlier attempt left running")
-            everything = ["aggregator", *(vm.name for vm in self.s.inventory.vms())]
-            ansible.apply(
-                ansible.STOP, self.launcher.inventory_for([]), limit=",".join(everything),
-                envvars=self.launcher.envvars, check=False, cancellable=False,
-            )  # fmt: skip
+        A resumed run starts the SuperLink from a fresh state (the old one, left by a SuperLink
+        that died, counts its SuperNodes as connected for a minute, refusing them); the keys
+        register again."""
+        if self.plan.resumption is not None:  # what the earlier attempts left was stopped already
             self.launcher.fresh_superlink = True
             self.launcher.forget_registrations()
         self.cli = self.s.operator_cli()
@@ -536,7 +558,13 @@ class Run:
         self.observer.stage("submit", f"flwr run {shown}")
         self.record.flower_run_id = train.submit(cli, self._app(), run_config)
         self.timings.mark("submitted")
-        sink = None if self.recorder is None else self.recorder.events
+        recorder = self.recorder
+
+        def sink(events: list[dict[str, Any]]) -> None:
+            self._mirror(events)
+            if recorder is not None:
+                recorder.events(events)
+
         if foreign is None or foreign.app.rounds_key is not None:
             self.observer.stage("training", f"{settings.num_server_rounds} rounds")
         else:
@@ -563,6 +591,21 @@ class Run:
                 tail.close()
                 atomic_write(self.run_dir / SERVERAPP_LOG, tail.reader.text)
                 self.record.flower_status = tail.status or None
+
+    def _mirror(self, events: list[dict[str, Any]]) -> None:
+        """Each round's commit copied here as it is made (beside the aggregator's): a run whose
+        aggregator is lost for good resumes from it on other VMs."""
+        for event in events:
+            if event.get("event") != "round-end" or not event.get("checkpoint"):
+                continue
+            try:
+                resume_stage.mirror(
+                    self.s.hosts["aggregator"], self.server_out, str(event["checkpoint"]), self.run_dir
+                )
+            except (FedfleetError, OSError) as err:
+                self.record.collect_errors.append(
+                    f"round {event.get('round')}'s checkpoint not copied: {err}"
+                )
 
     def _app(self) -> Path:
         """The app `flwr run` submits: fl/ as it is, a copy with the stack's model file in it

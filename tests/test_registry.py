@@ -126,8 +126,9 @@ def events_and_models(server_out: Path, rounds: int = 3) -> tuple[list[dict[str,
             }
         )
         t += 2.5
+        if n == rounds:  # the last round's model is scored in its own evaluate phase, before it is saved
+            events.append(evaluated(rounds))
         events.append(save(n))
-    events.append(evaluated(rounds))
     events.append({"event": "finished", "time": t + 1})
     return events, nets
 
@@ -355,19 +356,19 @@ def test_an_unreachable_tracking_server_is_named_with_the_fix(make_project) -> N
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens there once closed
-    project = make_project(
-        local_config() | {"fedfleet:registry": {"trackingUri": f"http://127.0.0.1:{port}"}}
-    )
+    uri = f"http://alice:s3cret@127.0.0.1:{port}"  # the password must never be shown
+    project = make_project(local_config() | {"fedfleet:registry": {"trackingUri": uri}})
     started = time.monotonic()
     out = cli(project, "models", "list", "--stack", "local")
     assert out.returncode == 1
     message = " ".join(out.stderr.split())
     assert f"the model registry at http://127.0.0.1:{port}" in message
     assert "fedfleet:registry.trackingUri" in message and "does not answer" in message
+    assert "s3cret" not in out.stderr + out.stdout
     assert time.monotonic() - started < 60
     # A run stops there too, before any host is configured: no run directory, no SuperLink.
     run = fedfleet(project, "run", "--rounds", "1", timeout=120)
-    assert run.returncode == 1 and "does not answer" in run.stderr
+    assert run.returncode == 1 and "does not answer" in run.stderr and "s3cret" not in run.stderr + run.stdout
     assert not (project / "runs").exists() or list((project / "runs").iterdir()) == []
     assert running_processes_mentioning(str(project)) == []
 

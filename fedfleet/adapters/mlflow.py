@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 import warnings
@@ -42,6 +43,8 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
+_CREDENTIALS = re.compile(r"//[^/@\s]+@")  # user:password@ in any URL
+BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's limits per log_batch
 _lock = threading.RLock()  # MLflow's tracking URI is process-wide: one store at a time
 
 
@@ -81,15 +84,23 @@ class Store:
 
 
 def resolve(project_dir: Path, setting: str | None, where: str) -> Store:
-    """The stack's `fedfleet:registry.trackingUri` (`where` names it), else
-    MLFLOW_TRACKING_URI, else the project's own store."""
+    """The stack's `fedfleet:registry.trackingUri` (`where` names it; a relative SQLite path
+    is the project's), else MLFLOW_TRACKING_URI, else the project's own store. A SQLite store
+    keeps its artifacts beside its database (MLflow's default is the current directory)."""
     if setting:
-        return Store(setting, where)
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return Store(env, "MLFLOW_TRACKING_URI")
-    root = (project_dir / DEFAULT_DIR).resolve()
-    return Store(f"sqlite:///{root / DB_FILE}", f"the project's store ({root})", root / ARTIFACTS)
+        uri, source = setting, where
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = f"sqlite:///{(project_dir / uri.removeprefix('sqlite:///')).resolve()}"
+    else:
+        env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+        if not env:
+            root = (project_dir / DEFAULT_DIR).resolve()
+            return Store(f"sqlite:///{root / DB_FILE}", f"the project's store ({root})", root / ARTIFACTS)
+        uri, source = env, "MLFLOW_TRACKING_URI"
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///")).resolve()
+        return Store(f"sqlite:///{database}", source, database.parent / ARTIFACTS)
+    return Store(uri, source)
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,9 @@ class Registry:
 
     def _explain(self, doing: str, err: BaseException) -> str:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _CREDENTIALS.sub(
+            "//", first.replace(self.store.uri, self.store.shown)
+        )  # MLflow echoes the URI
         text = f"the model registry at {self.store.shown} ({self.store.source}): {doing} failed: {first}"
         if "Max retries" in first or "Connection" in first or "resolve" in first or "timed out" in first:
             text += (
@@ -207,15 +221,17 @@ class Registry:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
+        entries: dict[str, list[Any]] = {
+            "metrics": [
+                Metric(k, float(v), now, step, model_id=model_id) for k, v in (metrics or {}).items()
+            ],
+            "params": [Param(k, v) for k, v in (params or {}).items()],
+            "tags": [RunTag(k, v) for k, v in (tags or {}).items()],
+        }
         with self._using("recording metrics") as client:
-            client.log_batch(
-                mlflow_run,
-                metrics=[
-                    Metric(k, float(v), now, step, model_id=model_id) for k, v in (metrics or {}).items()
-                ],
-                params=[Param(k, v) for k, v in (params or {}).items()],
-                tags=[RunTag(k, v) for k, v in (tags or {}).items()],
-            )
+            for kind, items in entries.items():
+                for i in range(0, len(items), BATCH[kind]):
+                    client.log_batch(mlflow_run, **{kind: items[i : i + BATCH[kind]]})  # type: ignore[arg-type]
 
     def log_model(
         self,
@@ -268,7 +284,7 @@ class Registry:
             client.log_artifact(mlflow_run, str(path))
 
     def reopen(self, mlflow_run: str) -> None:
-        """A run's record goes on (a resumed run): RUNNING again, without an end time."""
+        """A run's record goes on (a resumed run): RUNNING again."""
         with self._using("reopening the run's record") as client:
             client.update_run(mlflow_run, status="RUNNING")
 
@@ -401,13 +417,9 @@ def ui_command(store: Store, port: int) -> tuple[list[str], dict[str, str]]:
 
 
 def ui_log(store: Store) -> Path:
-    """Where `fedfleet ui` keeps the server's output: beside the project's store, or in the
-    system's temporary directory for another one."""
-    if store.artifacts is not None:
-        return store.artifacts.parent / "ui.log"
-    import tempfile
-
-    return Path(tempfile.gettempdir()) / "fedfleet-mlflow-ui.log"
+    """Where `fedfleet ui` keeps the server's output: beside the store's database."""
+    assert store.artifacts is not None, "the UI runs only on a SQLite store"
+    return store.artifacts.parent / "ui.log"
 
 
 def ui_ready(url: str) -> bool:

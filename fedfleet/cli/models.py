@@ -149,9 +149,10 @@ def ui_command(
 ) -> None:
     from fedfleet.cli.app import project_dir
 
-    registry = workflow.registry_at(project_dir(ctx), stack)
+    project = project_dir(ctx)
+    registry = workflow.registry_at(project, stack)
     store = registry.store
-    if not store.local and store.database is None:
+    if not store.local:
         typer.echo(f"the registry is {store.shown}: open its own UI there")
         return
     with socket.socket() as probe:
@@ -164,10 +165,17 @@ def ui_command(
     argv, env = registry_store.ui_command(store, port)
     log = registry_store.ui_log(store)
     with log.open("ab") as out:
-        proc = subprocess.Popen(
-            argv, env=env, start_new_session=True, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        proc = subprocess.Popen(  # its own process group, stopped whole; in the project directory
+            argv,
+            env=env,
+            cwd=project,
+            preexec_fn=_own_group,  # noqa: PLW1509 (this command runs no threads of its own)
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
         )
     url = f"http://127.0.0.1:{port}"
+    hangup = signal.signal(signal.SIGHUP, _hangup)  # a closed terminal stops it like Ctrl-C
     try:
         if (
             not poll(lambda: proc.poll() is not None or registry_store.ui_ready(url), 120.0, 0.5)
@@ -179,7 +187,22 @@ def ui_command(
         typer.echo(f"MLflow UI on {store.shown}: {url}  (Ctrl-C stops it; its log: {log})")
         proc.wait()
     finally:
+        signal.signal(signal.SIGHUP, hangup)
         _stop_group(proc)
+
+
+def _hangup(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _own_group() -> None:
+    """In the server's process: a group of its own, and SIGTERM when fedfleet dies (even by
+    SIGKILL), so no server outlives the command."""
+    import ctypes
+
+    os.setsid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _stop_group(proc: subprocess.Popen[Any]) -> None:

@@ -16,7 +16,6 @@ from rich.text import Text
 
 from fedfleet import workflow
 from fedfleet.cli.progress import PlayProgress
-from fedfleet.core.errors import FedfleetError
 from fedfleet.core.records import RunState
 
 HELP = (
@@ -34,17 +33,6 @@ RESUME_HELP = (
     "Continue RUN (a run ID under runs/) from its last committed round: after its runner, aggregator or "
     "SuperLink died, on the same or other VMs; the stack's app settings must be those it started with."
 )
-
-
-def _resume_hint(project: Path) -> str | None:
-    """The `resume` command the newest run's summary.json gives, if it was written just now."""
-    runs = sorted((project / "runs").glob("2*/summary.json"), key=lambda p: p.stat().st_mtime)
-    if not runs or time.time() - runs[-1].stat().st_mtime > 60:
-        return None
-    try:
-        return json.loads(runs[-1].read_text()).get("resume")
-    except (OSError, ValueError):
-        return None
 
 
 class LiveDisplay:
@@ -182,11 +170,6 @@ def command(
     display = None if as_json else LiveDisplay(console, rounds)
     try:
         summary = workflow.run(project, stack, rounds=rounds, observer=display, app=app, resume=resume)
-    except FedfleetError as err:
-        hint = _resume_hint(project)
-        if hint:
-            err.args = (f"{err}; what was trained is kept: resume with `{hint}`",)
-        raise
     finally:
         if display is not None:
             display.close()

@@ -187,6 +187,8 @@ class Choice:
             if self.runner_up is not None:
                 text += f"; next best {self.runner_up.label} with {self.runner_up.metrics[c.metric]:.4f}"
             return text
+        if not c.bounds:
+            return f"no round has a {c.metric} ({self.considered} rounds considered)"
         text = f"no round meets {', '.join(map(str, c.bounds))} ({self.considered} rounds considered)"
         if self.unmet:
             text += f"; no round meets {' nor '.join(self.unmet)}"

@@ -57,10 +57,21 @@ def merge(aggregator: Host, server_out: str, run_dir: Path, attempt: int, events
             if entry.name in MERGED and entry.is_dir():
                 (run_dir / entry.name).mkdir(exist_ok=True)
                 for file in sorted(entry.iterdir()):
-                    if (run_dir / entry.name / file.name).exists():
+                    target = run_dir / entry.name / file.name
+                    if entry.name == "checkpoints" and file.suffix == ".json" and not target.exists():
+                        # A commit is its pair: the manifest's .npz replaces an orphan cut short.
+                        npz = file.with_suffix(".npz")
+                        if npz.exists():
+                            npz.replace(target.with_suffix(".npz"))
+                        file.rename(target)
+                    elif not file.exists():
+                        continue  # moved with its manifest
+                    elif target.exists():
                         kept.append(f"{entry.name}/{file.name}")
-                    else:
-                        file.rename(run_dir / entry.name / file.name)
+                    elif not (
+                        entry.name == "checkpoints" and file.suffix == ".npz"
+                    ):  # a lone .npz: cut short
+                        file.rename(target)
                 continue
             if entry.name == "events.jsonl":
                 target = run_dir / events

@@ -150,10 +150,15 @@ class Recorder:
         aggregator: Host,
         server_out: str,
         scratch: Path,
+        local: Path | None = None,
     ) -> None:
         self.registry, self.stack, self.run_id = registry, stack, run_id
         self.kind, self.aggregator, self.server_out = kind, aggregator, server_out
         self.scratch = scratch
+        self.local = local  # the run's directory here: a resumed run's earlier models are there
+        self.broken: str | None = None  # why recording stopped (the store failed)
+        self._pending: dict[int, dict[str, Any]] = {}  # a round's scores that came before its model
+        self._stop = threading.Event()
         self.state = RunState(0)
         self.mlflow_run: str | None = None
         self.model_ids: dict[int, str] = {}
@@ -189,19 +194,23 @@ class Recorder:
         for event in events:
             self._queue.put(lambda e=event: self._event(e))  # type: ignore[misc]
 
-    def later(self, what: Callable[[], None]) -> None:
-        self._queue.put(what)
-
     def drain(self, timeout: float = DRAIN_SECONDS) -> dict[str, Any]:
-        """Wait (at most `timeout` s) for what is queued; what summary.json says of the record."""
+        """Wait (at most `timeout` s) for what is queued; what summary.json says of the record.
+        What is left after that is dropped (the thread stops at its next job)."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout)
             if self._thread.is_alive():
+                self._stop.set()
                 self.errors.append(
-                    f"the registry had not caught up {timeout:.0f} s after the run: later rounds may be missing"
+                    f"the registry had not caught up {timeout:.0f} s after the run: later rounds were not "
+                    f"recorded (`fedfleet run --resume {self.run_id}` of a stopped run records them)"
                 )
         return self.info()
+
+    @property
+    def idle(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -214,8 +223,9 @@ class Recorder:
         }
 
     def close(self, summary: Mapping[str, Any], run_dir: Path) -> None:
-        """The run's summary and settings beside its record, final figures, and its status."""
-        if self.mlflow_run is None:
+        """The run's summary and settings beside its record, final figures, and its status
+        (not while the recording thread still works: the record then stays RUNNING)."""
+        if self.mlflow_run is None or self.broken is not None or not self.idle:
             return
         try:
             timings = {
@@ -242,15 +252,21 @@ class Recorder:
     # -- the recording thread --------------------------------------------------------------
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (job := self._queue.get()) is not None and not self._stop.is_set():
+            if self.broken is not None:
+                continue  # the store failed: what is queued is dropped, not retried one by one
             started = time.monotonic()
             try:
                 job()
             except RegistryError as err:
-                self.errors.append(str(err))
+                self.broken = str(err)
+                self.errors.append(f"recording stopped: {err}")
             except Exception as err:  # a model that does not rebuild, a file that does not read
                 self.errors.append(f"{type(err).__name__}: {err}")
             self.seconds += time.monotonic() - started
+        if job is None and not self._stop.is_set() and self.broken is None:
+            for step, event in sorted(self._pending.items()):  # scores whose model never came
+                self._log_scores(step, event)
 
     def _event(self, event: dict[str, Any]) -> None:
         self.state.apply(event)
@@ -261,10 +277,10 @@ class Recorder:
             step = int(event["round"])
             if step in self.recorded_steps:  # a resumed run scores its last commit again
                 return
-            self.registry.log(
-                run, metrics=names.evaluation_metrics(event), step=step, model_id=self.model_ids.get(step)
-            )
-            self.recorded_steps.add(step)
+            if self.kind is not None and step not in self.model_ids:
+                self._pending[step] = event  # scored before its model was saved: linked when it is
+                return
+            self._log_scores(step, event)
         elif kind == "train-done":
             self.registry.log(run, metrics=names.train_metrics(event), step=int(event["round"]))
         elif kind == "server-evaluated":
@@ -278,17 +294,29 @@ class Recorder:
                 return
             if event.get("model") and self.kind is not None:
                 self.model_ids[step] = self._model(step, str(event["model"]))
+                if step in self._pending:
+                    self._log_scores(step, self._pending.pop(step))
             seconds = self.state.rounds[step].seconds if step in self.state.rounds else None
             if seconds is not None:
                 self.registry.log(
                     run, metrics={"round_seconds": seconds}, step=step, model_id=self.model_ids.get(step)
                 )
 
+    def _log_scores(self, step: int, event: dict[str, Any]) -> None:
+        assert self.mlflow_run is not None
+        metrics = names.evaluation_metrics(event)
+        self.registry.log(self.mlflow_run, metrics=metrics, step=step, model_id=self.model_ids.get(step))
+        self.recorded_steps.add(step)
+
     def _model(self, step: int, relative: str) -> str:
         import torch
 
         assert self.kind is not None and self.mlflow_run is not None
-        data = _read_all(self.aggregator, f"{self.server_out}/{relative}")
+        here = self.local / relative if self.local is not None else None
+        if here is not None and here.is_file():  # a resumed run's earlier round, already collected
+            data = here.read_bytes()
+        else:
+            data = _read_all(self.aggregator, f"{self.server_out}/{relative}")
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         if self._code is None:
             self._code = ModelCode(self.kind, self.scratch)

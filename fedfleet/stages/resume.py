@@ -28,9 +28,12 @@ from fedfleet.core.errors import ConfigError, FedfleetError
 from fedfleet.core.records import RunState
 from fedfleet.core.stack import StackConfig
 from fedfleet.core.util import closest
+from fedfleet.hosts.base import Host
 
 CHECKPOINTS = "checkpoints"
 EVENTS = "events.jsonl"
+IDENTITY = "run.json"  # what a run was started as: the stack, the model file's digest
+KEEP = 2  # commits kept here per run (the aggregator keeps as many)
 IGNORED_SETTINGS = ("output-dir", "resume-from", "num-server-rounds")
 
 
@@ -50,6 +53,8 @@ class Resumption:
     done: int = 0  # the last committed round
     checkpoint: Path | None = None
     skipped: list[str] = field(default_factory=list)  # newer checkpoints that could not be used
+    unreachable: list[str] = field(default_factory=list)  # earlier output that could not be fetched
+    seeded: list[dict[str, Any]] = field(default_factory=list)  # the earlier events kept
 
     @property
     def attempts(self) -> list[dict[str, Any]]:
@@ -115,9 +120,67 @@ def check(
     planned = int(before["num-server-rounds"])
     if rounds is not None and rounds < planned:
         raise ConfigError(f"--resume {run_id}: it was to run {planned} rounds; --rounds {rounds} is fewer")
-    attempts = list((previous or {}).get("attempts", []))
-    attempt = len(attempts) + 1 if attempts else 2
+    identity = _read_json(run_dir / IDENTITY)
+    if identity is not None:
+        if identity.get("stack") != stack.name:
+            raise ConfigError(
+                f"--resume {run_id}: that run was on stack {identity.get('stack')!r}: pass --stack {identity.get('stack')}"
+            )
+        if identity.get("model_sha256") != _model_digest(stack):
+            raise ConfigError(
+                f"--resume {run_id}: the stack's model ({stack.model.setting if stack.model else 'the built-in CNN'}) "
+                "is not the one that run trained (its file changed): restore it or start a new run"
+            )
+    # Every attempt marks its number before it touches a host: a killed one counts too.
+    taken = [
+        int(p.name.removeprefix(".attempt-")) for p in run_dir.glob(".attempt-*") if p.name[9:].isdigit()
+    ]
+    attempt = max([1, *taken]) + 1
     return Resumption(run_id, run_dir, attempt=attempt, rounds=rounds or planned, previous=previous)
+
+
+def mark(r: Resumption) -> None:
+    (r.run_dir / f".attempt-{r.attempt}").touch()
+
+
+def write_identity(run_dir: Path, stack: StackConfig) -> None:
+    """What a new run is (the stack, the model file's digest), for a later --resume to check."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = {"run_id": run_dir.name, "stack": stack.name, "model_sha256": _model_digest(stack)}
+    (run_dir / IDENTITY).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _model_digest(stack: StackConfig) -> str | None:
+    if stack.model is None:
+        return None
+    try:
+        return hashlib.sha256(stack.model.file.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def mirror(aggregator: Host, server_out: str, checkpoint: str, run_dir: Path) -> None:
+    """A round's commit (its .npz, then its manifest) copied from the aggregator into
+    runs/<run-id>/checkpoints/, keeping the newest KEEP."""
+    from fedfleet.core.util import atomic_write
+
+    directory = run_dir / CHECKPOINTS
+    for name in (checkpoint, checkpoint.removesuffix(".npz") + ".json"):
+        chunks, offset = [], 0
+        while True:
+            chunk, size = aggregator.read(f"{server_out}/{name}", offset)
+            if size < 0:
+                raise FedfleetError(f"{server_out}/{name} is not on the aggregator")
+            chunks.append(chunk)
+            offset += len(chunk)
+            if not chunk or offset >= size:
+                break
+        atomic_write(directory / Path(name).name, b"".join(chunks))
+    newest = _round_of(directory / Path(checkpoint).name)
+    for old in directory.glob("round-*.json"):
+        if _round_of(old) <= newest - KEEP:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".npz").unlink(missing_ok=True)
 
 
 def latest(r: Resumption) -> None:
@@ -143,10 +206,15 @@ def latest(r: Resumption) -> None:
             )
         r.done, r.checkpoint = int(manifest["round"]), npz
         return
+    why = [*r.skipped, *r.unreachable]
     raise CheckpointProblem(
         f"--resume {r.run_id}: no committed round in {directory}"
-        + (f" ({'; '.join(r.skipped)})" if r.skipped else "")
-        + ": the run stopped before its first round was saved; start a new run"
+        + (f" ({'; '.join(why)})" if why else "")
+        + (
+            ": the run's output could not be fetched from the aggregator; bring it back, or start a new run"
+            if r.unreachable
+            else ": the run stopped before its first round was saved; start a new run"
+        )
     )
 
 
@@ -173,6 +241,7 @@ def seed(r: Resumption, state: RunState) -> None:
         if event.get("event") in ("finished", "failed") or (isinstance(number, int) and number > r.done):
             continue
         state.apply(event)
+        r.seeded.append(event)
     for number in [n for n in state.rounds if n > r.done]:
         del state.rounds[number]
     state.errors = [e for e in state.errors if not isinstance(e.get("round"), int) or e["round"] <= r.done]
