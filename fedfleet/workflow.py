@@ -433,9 +433,9 @@ class Run:
             )
         if r is None:
             resume_stage.write_identity(self.run_dir, self.s.stack)
-        self._open_record()
         try:
             try:
+                self._open_record()
                 self._start()
                 self._train()
             except BaseException:
@@ -690,7 +690,8 @@ def _stop(launcher: configure.Configurer, f: fleet.Fleet, record: RunRecord) -> 
 
 def _collect(hosts: Hosts, f: fleet.Fleet, server_out: str, run_dir: Path, record: RunRecord) -> None:
     try:
-        refused = collect.results(hosts["aggregator"], server_out, run_dir)
+        kept = collect.merge(hosts["aggregator"], server_out, run_dir, 1, resume_stage.events_file(1))
+        refused = [k for k in kept if not k.startswith(f"{resume_stage.CHECKPOINTS}/")]  # those were mirrored
     except FedfleetError as err:
         record.collect_errors.append(f"aggregator: {err}")
     else:

@@ -296,8 +296,40 @@ def test_the_aggregators_output_cannot_replace_what_fedfleet_writes(tmp_path: Pa
     run_dir.mkdir(parents=True)
     (run_dir / "run_config.toml").write_text("num-server-rounds = 2\n")
     host = LocalHost("aggregator", "aggregator", tmp_path / "agg", "127.0.0.1")
-    refused = collect.results(host, str(out), run_dir)
+    refused = collect.merge(host, str(out), run_dir, 1, "events.jsonl")
     assert refused == ["logs", "run_config.toml"]
     assert (run_dir / "run_config.toml").read_text() == "num-server-rounds = 2\n"
     assert (run_dir / "models" / "round-1.pt").read_bytes() == b"weights"
     assert sorted(p.name for p in run_dir.iterdir()) == ["models", "run_config.toml"]
+
+
+def test_a_resumed_attempt_joins_the_runs_files_and_a_commit_travels_as_its_pair(tmp_path: Path):
+    from fedfleet.hosts.local import LocalHost
+    from fedfleet.stages import collect
+
+    out = tmp_path / "agg" / "runs" / "r1.2"
+    (out / "models").mkdir(parents=True)
+    (out / "checkpoints").mkdir()
+    (out / "models" / "round-1.pt").write_bytes(b"attempt 2's copy")  # round 1 was the first attempt's
+    (out / "models" / "round-2.pt").write_bytes(b"round 2")
+    (out / "checkpoints" / "round-2.npz").write_bytes(b"whole")
+    (out / "checkpoints" / "round-2.json").write_text("{}")
+    (out / "checkpoints" / "round-3.npz").write_bytes(b"cut short")  # no manifest: never committed
+    (out / "events.jsonl").write_text('{"event": "resumed"}\n')
+    (out / "fleet.json").write_text("{}")
+    run_dir = tmp_path / "runs" / "r1"
+    (run_dir / "models").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "models" / "round-1.pt").write_bytes(b"round 1")
+    (run_dir / "checkpoints" / "round-2.npz").write_bytes(b"orphan of a cut commit")
+    (run_dir / "events.jsonl").write_text('{"event": "started"}\n')
+    host = LocalHost("aggregator", "aggregator", tmp_path / "agg", "127.0.0.1")
+    kept = collect.merge(host, str(out), run_dir, 2, "events-attempt-2.jsonl")
+    assert kept == ["models/round-1.pt"]
+    assert (run_dir / "models" / "round-1.pt").read_bytes() == b"round 1"
+    assert (run_dir / "models" / "round-2.pt").read_bytes() == b"round 2"
+    assert (run_dir / "checkpoints" / "round-2.npz").read_bytes() == b"whole"  # the orphan replaced
+    assert not (run_dir / "checkpoints" / "round-3.npz").exists()
+    assert (run_dir / "events.jsonl").read_text() == '{"event": "started"}\n'
+    assert (run_dir / "events-attempt-2.jsonl").read_text() == '{"event": "resumed"}\n'
+    assert (run_dir / "attempt-2" / "fleet.json").exists()

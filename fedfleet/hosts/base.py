@@ -86,6 +86,19 @@ def log_path(home: str, service: str) -> str:
     return f"{home.rstrip('/')}/log/{service}.log"
 
 
+def read_whole(host: Host, path: str) -> bytes:
+    """A whole file of a host, however large (read in the host's chunks)."""
+    chunks, offset = [], 0
+    while True:
+        chunk, size = host.read(path, offset)
+        if size < 0:
+            raise FileNotFoundError(f"{path} is not on {getattr(host, 'name', 'the host')}")
+        chunks.append(chunk)
+        offset += len(chunk)
+        if not chunk or offset >= size:
+            return b"".join(chunks)
+
+
 def tail_lines(data: bytes, lines: int = 15) -> str:
     text = data.decode("utf-8", errors="replace").rstrip()
     return "\n".join(text.splitlines()[-lines:]) if text else "(empty log)"

@@ -26,22 +26,6 @@ SERVERAPP_LOG = "serverapp.log"  # and its output, as the SuperLink kept it
 OWN = frozenset({"summary.json", "run_config.toml", "logs", SERVERAPP_LOG})
 
 
-def results(aggregator: Host, server_out: str, run_dir: Path) -> list[str]:
-    """The ServerApp's output directory (on the aggregator) into the run directory, through
-    a scratch directory: what it sends may not replace what fedfleet writes there. The
-    names it sent that were refused (the run's own files)."""
-    with tempfile.TemporaryDirectory(prefix="fedfleet-results-", dir=run_dir) as tmp:
-        if not aggregator.fetch(server_out, Path(tmp)):
-            return []
-        refused = []
-        for entry in sorted(Path(tmp).iterdir()):
-            if entry.name in OWN or (run_dir / entry.name).exists():
-                refused.append(entry.name)
-                continue
-            entry.rename(run_dir / entry.name)
-        return refused
-
-
 MERGED = ("models", "checkpoints")  # an attempt's files join the run's own
 
 

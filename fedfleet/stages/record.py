@@ -14,9 +14,11 @@ directory, a plain state_dict and model.json).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
+import os
 import queue
 import shutil
 import sys
@@ -38,7 +40,7 @@ from fedfleet.core.records import RunState
 from fedfleet.core.registry import Candidate, Choice, Criteria
 from fedfleet.core.stack import MODELS_PACKAGE, ModelSource
 from fedfleet.core.util import atomic_write, closest
-from fedfleet.hosts.base import Host
+from fedfleet.hosts.base import Host, read_whole
 
 if TYPE_CHECKING:
     import torch
@@ -130,6 +132,13 @@ class ModelCode:
         return net.eval()
 
 
+def _warm_up() -> None:
+    """What logging the first model imports (about a second of CPU)."""
+    import mlflow.pytorch  # noqa: F401
+    import torch  # noqa: F401
+    from fedfleet_app import task  # noqa: F401
+
+
 def requirements() -> list[str]:
     import numpy
     import torch
@@ -189,6 +198,8 @@ class Recorder:
             self.registry.log(self.mlflow_run, params=params)
         self._thread = threading.Thread(target=self._work, name="fedfleet-registry", daemon=True)
         self._thread.start()
+        if self.kind is not None:
+            self._queue.put(_warm_up)  # while the hosts are configured, not during round 1
 
     def events(self, events: list[dict[str, Any]]) -> None:
         for event in events:
@@ -252,6 +263,10 @@ class Recorder:
     # -- the recording thread --------------------------------------------------------------
 
     def _work(self) -> None:
+        # The lowest CPU priority (this thread only): on a busy controller, and on the local stack
+        # where the Flower services share its cores, the rounds come first and the record after.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while (job := self._queue.get()) is not None and not self._stop.is_set():
             if self.broken is not None:
                 continue  # the store failed: what is queued is dropped, not retried one by one
@@ -316,7 +331,7 @@ class Recorder:
         if here is not None and here.is_file():  # a resumed run's earlier round, already collected
             data = here.read_bytes()
         else:
-            data = _read_all(self.aggregator, f"{self.server_out}/{relative}")
+            data = read_whole(self.aggregator, f"{self.server_out}/{relative}")
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         if self._code is None:
             self._code = ModelCode(self.kind, self.scratch)
@@ -333,18 +348,6 @@ class Recorder:
             tags={TAG_RUN: self.run_id, TAG_ROUND: str(step), "fedfleet.stack": self.stack},
             requirements=requirements(),
         )
-
-
-def _read_all(host: Host, path: str) -> bytes:
-    chunks, offset = [], 0
-    while True:
-        chunk, size = host.read(path, offset)
-        if size < 0:
-            raise FileNotFoundError(f"{path} on the aggregator")
-        chunks.append(chunk)
-        offset += len(chunk)
-        if not chunk or offset >= size:
-            return b"".join(chunks)
 
 
 # -- after runs ----------------------------------------------------------------------------

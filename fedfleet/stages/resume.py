@@ -28,7 +28,7 @@ from fedfleet.core.errors import ConfigError, FedfleetError
 from fedfleet.core.records import RunState
 from fedfleet.core.stack import StackConfig
 from fedfleet.core.util import closest
-from fedfleet.hosts.base import Host
+from fedfleet.hosts.base import Host, read_whole
 
 CHECKPOINTS = "checkpoints"
 EVENTS = "events.jsonl"
@@ -166,16 +166,7 @@ def mirror(aggregator: Host, server_out: str, checkpoint: str, run_dir: Path) ->
 
     directory = run_dir / CHECKPOINTS
     for name in (checkpoint, checkpoint.removesuffix(".npz") + ".json"):
-        chunks, offset = [], 0
-        while True:
-            chunk, size = aggregator.read(f"{server_out}/{name}", offset)
-            if size < 0:
-                raise FedfleetError(f"{server_out}/{name} is not on the aggregator")
-            chunks.append(chunk)
-            offset += len(chunk)
-            if not chunk or offset >= size:
-                break
-        atomic_write(directory / Path(name).name, b"".join(chunks))
+        atomic_write(directory / Path(name).name, read_whole(aggregator, f"{server_out}/{name}"))
     newest = _round_of(directory / Path(checkpoint).name)
     for old in directory.glob("round-*.json"):
         if _round_of(old) <= newest - KEEP:
