@@ -59,10 +59,11 @@ from fedfleet.core.stack import (
     set_rounds,
     with_rounds,
 )
-from fedfleet.core.util import atomic_write
+from fedfleet.core.util import atomic_write, closest
 from fedfleet.hosts import Hosts, endpoint, for_stack
 from fedfleet.stages import collect, configure, fleet, plan, preflight, probe, provision, train
 from fedfleet.stages import record as recording
+from fedfleet.stages import report as report_stage
 from fedfleet.stages import resume as resume_stage
 
 SERVER_RUNS = "runs"  # under the aggregator's fedfleet home: one output directory per run
@@ -734,6 +735,39 @@ def models_best(
 def models_download(project_dir: Path, stack_name: str | None, spec: str, dest: Path) -> dict[str, Any]:
     registry = registry_at(project_dir, stack_name)
     return recording.download(registry, recording.resolve_model(registry, stack_name, spec), dest)
+
+
+def models_report(project_dir: Path, run_id: str) -> dict[str, Any]:
+    """runs/<run-id>/report/: curves.png, pareto.png and report.html (self-contained), from the
+    run's summary.json; the Pareto plot recomputed from the stack file as it is now."""
+    runs = project_dir / "runs"
+    known = sorted(p.parent.name for p in runs.glob("*/summary.json")) if runs.is_dir() else []
+    matches = [r for r in known if r == run_id] or [r for r in known if r.startswith(run_id)]
+    if len(matches) != 1:
+        if matches:
+            raise ConfigError(f"run {run_id!r} is ambiguous: {', '.join(matches[:5])}; give more of it")
+        raise ConfigError(f"no run {run_id!r} with a summary.json under {runs}; {closest(run_id, known)}")
+    run_dir = runs / matches[0]
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{run_dir / 'summary.json'} cannot be read: {err}") from err
+    out = run_dir / "report"
+    curves = report_stage.curves(summary, out / "curves.png")
+    pareto, note = None, "recomputed from the stack file as it is now"
+    try:
+        stack = load_stack(project_dir, str(summary.get("stack")))
+        pareto = plan.draw(plan.make_plan(stack, stack.placement), out / "pareto.png")
+    except FedfleetError as err:
+        note = f"the Pareto plot could not be drawn: {err}"
+    page = report_stage.page(summary, curves, pareto, pareto_note=note)
+    path = atomic_write(out / "report.html", page)
+    return {
+        "run": matches[0],
+        "report": str(path),
+        "curves": curves and str(curves),
+        "pareto": pareto and str(pareto),
+    }
 
 
 # -- fedfleet configure | stop | vms -----------------------------------------------------

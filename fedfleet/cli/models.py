@@ -140,6 +140,28 @@ def download_command(
         console.print(f"  {way}: [cyan]{escape(how)}[/]")
 
 
+@app.command(
+    "report",
+    help="A run's curves (PNG) and one self-contained HTML report: placement, VMs, failovers, curves, timings, best model.",
+)
+def report_command(
+    ctx: typer.Context,
+    run: str = typer.Argument(..., metavar="RUN", help="A run ID under runs/ (or a unique prefix)."),
+    open_it: bool = typer.Option(False, "--open", help="Open the report in the default browser."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    made = workflow.models_report(_project(ctx), run)
+    if as_json:
+        typer.echo(json.dumps(made, indent=2))
+    else:
+        typer.echo(f"report of run {made['run']}: {made['report']}")
+    if open_it:
+        import webbrowser
+
+        if not webbrowser.open(Path(made["report"]).as_uri()):
+            typer.echo("no browser to open it here: open the file above", err=True)
+
+
 def ui_command(
     ctx: typer.Context,
     stack: str | None = typer.Option(
