@@ -260,6 +260,7 @@ def _resume_from(s: Session, r: resume_stage.Resumption, observer: Observer) -> 
         except FedfleetError as err:  # an aggregator that is gone: runs/<run-id>/ is what there is
             r.unreachable.append(f"attempt {attempt}'s output on the aggregator: {err}")
     resume_stage.latest(r)
+    r.skipped += [f"{name} (never committed)" for name in resume_stage.drop_uncommitted(r)]
     skipped = f"; skipped: {'; '.join(r.skipped)}" if r.skipped else ""
     observer.stage(
         "resume", f"run {r.run_id} after its round {r.done} (of {r.rounds}), attempt {r.attempt}{skipped}"
@@ -428,10 +429,9 @@ class Run:
     def go(self) -> dict[str, Any]:
         r = self.plan.resumption
         self.run_dir.mkdir(parents=True, exist_ok=r is not None)
-        if r is not None and (self.run_dir / "summary.json").exists():  # kept beside the new one
-            shutil.copyfile(
-                self.run_dir / "summary.json", self.run_dir / f"summary-attempt-{r.attempt - 1}.json"
-            )
+        if r is not None and r.previous is not None:  # kept beside the new one, as its attempt's
+            by = resume_stage.last_attempt(r.previous)
+            shutil.copyfile(self.run_dir / "summary.json", self.run_dir / f"summary-attempt-{by}.json")
         if r is None:
             resume_stage.write_identity(self.run_dir, self.s.stack)
         try:
@@ -463,7 +463,7 @@ class Run:
         finally:
             self.record.orchestration = self.fleet.to_dict()
             if r is not None:
-                self.record.attempts = resume_stage.attempts(r, self.fleet.serving)
+                self.record.attempts = resume_stage.attempts(r, self.fleet.serving, self.record.status)
             self.timings.mark("stopped")
             # summary.json first (a second Ctrl-C must not cost it), then the record's end.
             summary = self.record.summary(self.state, self.timings)
@@ -472,6 +472,7 @@ class Run:
                 summary["registry"] = self.recorder.drain(
                     10.0 if self.record.status == "interrupted" else 60.0
                 )
+                collect.write_summary(self.run_dir, summary)  # the record's end stores this one
                 self.recorder.close(summary, self.run_dir)
                 collect.write_summary(self.run_dir, summary)
                 if self.recorder.idle:
@@ -485,7 +486,9 @@ class Run:
             return
         r = self.plan.resumption
         try:
-            self.recorder.start(*_registry_fields(self.record, self.s.stack), resume=r is not None)
+            self.recorder.start(
+                *_registry_fields(self.record, self.s.stack), resume=r is not None, done=r.done if r else 0
+            )
         except FedfleetError as err:
             self.record.registry = {"errors": [f"not recorded: {err}"]}
             self.recorder = None

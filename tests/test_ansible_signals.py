@@ -66,6 +66,17 @@ def signal_once_started(mark: Path, signals: list[int]) -> threading.Thread:
     return thread
 
 
+@pytest.fixture(autouse=True)
+def interruptible() -> Iterator[None]:
+    """Ctrl-C handled as fedfleet's main() sets it, whatever this process inherited (a job
+    started in the background has SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_signal_cancels_a_play(playbook: str, tmp_path: Path):
     mark = tmp_path / "mark"
     sender = signal_once_started(mark, [signal.SIGTERM])

@@ -504,6 +504,10 @@ def test_a_run_whose_aggregator_is_killed_resumes_with_every_round_once(make_pro
     assert record.info.status == "FINISHED" and record.data.tags["fedfleet.resumed"] == "true"
     steps = [m.step for m in client.get_metric_history(record.info.run_id, "accuracy")]
     assert sorted(steps) == [0, 1, 2, 3, 4]
+    train_keys = [k for k in record.data.metrics if k.startswith("train/")]
+    assert train_keys
+    for key in train_keys:  # the rounds' training too, each once
+        assert sorted(m.step for m in client.get_metric_history(record.info.run_id, key)) == [1, 2, 3, 4], key
     models = client.search_logged_models(experiment_ids=[record.info.experiment_id])
     assert sorted(int(m.tags["fedfleet.round"]) for m in models) == [0, 1, 2, 3, 4]
     assert running_processes_mentioning(str(project)) == []

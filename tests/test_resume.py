@@ -206,3 +206,46 @@ def test_a_resume_that_cannot_be_is_refused_before_anything_starts(make_project)
     )
     with pytest.raises(ConfigError, match="Flower app of your own"):
         resume.check(load_stack(other, "apps"), project, done.name, stack.app, None)
+
+
+def test_a_run_resumed_again_keeps_each_rounds_events_once_and_lists_every_attempt(make_project) -> None:
+    project = make_project()
+    run_dir = stopped_run(project)
+    stack = load_stack(project, "local")
+
+    def events(*spec: tuple[str, int]) -> str:
+        return "".join(
+            json.dumps({"event": e, "time": float(n), "round": n, "metrics": {"loss": 1.0}}) + "\n"
+            for e, n in spec
+        )
+
+    # Attempt 1 committed rounds 1-2 and trained part of 3; attempt 2 resumed after round 1
+    # (round 2's commit was lost with its aggregator), committed 2 and 3, and was killed in
+    # round 4; attempt 3 was killed before it wrote anything.
+    (run_dir / "events.jsonl").write_text(
+        events(("round-start", 1), ("train-done", 1), ("round-end", 1), ("round-start", 2), ("train-done", 2),
+               ("round-end", 2), ("round-start", 3), ("train-done", 3))
+    )  # fmt: skip
+    (run_dir / "events-attempt-2.jsonl").write_text(
+        events(("resumed", 1), ("round-start", 2), ("train-done", 2), ("round-end", 2), ("round-start", 3),
+               ("train-done", 3), ("round-end", 3), ("round-start", 4), ("train-done", 4))
+    )  # fmt: skip
+    for n in (2, 3):
+        (run_dir / f".attempt-{n}").touch()
+    save_checkpoint(run_dir / "checkpoints", 3, np.zeros(3, dtype=np.float32), {}, "fedavg")
+    (run_dir / "models").mkdir()
+    for n in (3, 4):
+        (run_dir / "models" / f"round-{n}.pt").write_bytes(b"x")
+    r = resume.check(stack, project, run_dir.name, stack.app, None)
+    assert r.attempt == 4
+    resume.latest(r)
+    assert r.done == 3 and resume.drop_uncommitted(r) == ["round-4.pt"]
+    state = RunState(4)
+    resume.seed(r, state)
+    trained = [e["round"] for e in r.seeded if e["event"] == "train-done"]
+    assert trained == [1, 2, 3]  # attempt 1's rounds 2-3 were done again by attempt 2: taken from it
+    assert sorted(state.rounds) == [1, 2, 3]
+    listed = resume.attempts(r, {"hospital-us": "us-vm-1"}, "completed")
+    assert [a["attempt"] for a in listed] == [1, 2, 3, 4]
+    assert listed[2]["status"] == "stopped without writing a summary"
+    assert listed[3]["status"] == "completed" and listed[3]["resumed_after_round"] == 3

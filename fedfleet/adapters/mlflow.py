@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 import warnings
@@ -35,6 +36,7 @@ ARTIFACTS = "artifacts"
 TAG_RUN = "fedfleet.run_id"
 TAG_STACK = "fedfleet.stack"
 TAG_ROUND = "fedfleet.round"
+TAG_MODEL = "fedfleet.model_id"  # on a registered version: the logged model it was made from
 BEST_ALIAS = "best"
 # How an unreachable tracking server is found out: a few tries, 10 s each (MLflow's defaults
 # retry for minutes). Set in the environment to change them.
@@ -136,8 +138,9 @@ class Registry:
 
     @contextlib.contextmanager
     def _using(self, doing: str) -> Iterator[MlflowClient]:
-        """The client, with MLflow's process-wide URI set to this store; MLflow's errors
-        become RegistryError naming the store and `doing`."""
+        """This store's client (explicit URIs: MLflow's process-wide URI, which it mirrors in
+        the environment, is never set; another thread may be starting processes); MLflow's
+        errors become RegistryError naming the store and `doing`."""
         with _lock, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import mlflow
@@ -147,10 +150,6 @@ class Registry:
             if self.store.local:
                 assert self.store.artifacts is not None
                 self.store.artifacts.mkdir(parents=True, exist_ok=True)
-            # MLflow keeps the URI in the environment too: what the user set is put back after.
-            given = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-            mlflow.set_tracking_uri(self.store.uri)
-            mlflow.set_registry_uri(self.store.uri)
             if self._mlflow_client is None:
                 self._mlflow_client = mlflow.MlflowClient(self.store.uri, self.store.uri)
             try:
@@ -159,12 +158,6 @@ class Registry:
                 raise RegistryError(self._explain(doing, err)) from err
             except OSError as err:
                 raise RegistryError(self._explain(doing, err)) from err
-            finally:
-                for key, value in given.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
 
     def _explain(self, doing: str, err: BaseException) -> str:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -258,26 +251,30 @@ class Registry:
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape), "images")]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, outputs), "scores")]),
         )
-        with self._using(f"recording the model of {name}") as client:
-            # Created here, in the run's experiment: left to MLflow it would go to the
-            # process's active experiment (Default, with its artifacts under the current directory).
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.models import Model
+
+        with self._using(f"recording the model of {name}") as client, tempfile.TemporaryDirectory() as tmp:
+            # What mlflow.pytorch.log_model does, through this store's client: the logged model in
+            # the run's experiment, saved, its files stored, linked to the run at its step.
             experiment = client.get_run(mlflow_run).info.experiment_id
             model = client.create_logged_model(
                 experiment, name=name, source_run_id=mlflow_run, tags=dict(tags), model_type="pytorch"
             )
-            info = mlflow.pytorch.log_model(
+            described = Model(run_id=mlflow_run, model_id=model.model_id, metadata=dict(metadata))
+            mlflow.pytorch.save_model(
                 net,
-                name=name,
-                model_id=model.model_id,
-                run_id=mlflow_run,
-                step=step,
+                str(Path(tmp) / "model"),
+                mlflow_model=described,
                 serialization_format="pickle",  # the module itself; pt2 export needs an example
                 signature=signature,
                 code_paths=list(code_paths),
                 pip_requirements=list(requirements),  # not inferred: that takes seconds
-                metadata=dict(metadata),
             )
-            return str(info.model_id)
+            client.log_model_artifacts(model.model_id, str(Path(tmp) / "model"))
+            client.log_outputs(mlflow_run, [LoggedModelOutput(model.model_id, step)])
+            client.finalize_logged_model(model.model_id, "READY")
+            return str(model.model_id)
 
     def log_artifact(self, mlflow_run: str, path: Path) -> None:
         with self._using(f"storing {path.name}") as client:
@@ -328,9 +325,18 @@ class Registry:
                     steps.setdefault(int(m.step), {})[key] = float(m.value)
             run_record = client.get_run(run.mlflow_run_id)
             experiment = run_record.info.experiment_id
-            models = client.search_logged_models(
-                experiment_ids=[experiment], filter_string=f"source_run_id = '{run.mlflow_run_id}'"
-            )
+            models: list[Any] = []
+            token = None
+            while True:  # every page (100 models each)
+                page = client.search_logged_models(
+                    experiment_ids=[experiment],
+                    filter_string=f"source_run_id = '{run.mlflow_run_id}'",
+                    page_token=token,
+                )
+                models += list(page)
+                token = page.token
+                if not token:
+                    break
         by_round = {int(m.tags[TAG_ROUND]): m.model_id for m in models if TAG_ROUND in m.tags}
         numbers = sorted(set(steps) | set(by_round))
         return [
@@ -355,8 +361,12 @@ class Registry:
             version = next((v for v in existing if _model_of(v) == winner.model_id), None)
             if version is None:
                 model = client.get_logged_model(winner.model_id)
-                version = client.create_model_version(
-                    name, f"models:/{winner.model_id}", run_id=model.source_run_id, model_id=winner.model_id
+                version = client.create_model_version(  # its files where this store keeps them
+                    name,
+                    model.artifact_location,
+                    run_id=model.source_run_id,
+                    model_id=winner.model_id,
+                    tags={TAG_MODEL: winner.model_id},
                 )
             for key, value in tags.items():
                 client.set_model_version_tag(name, version.version, key, value)
@@ -379,15 +389,21 @@ class Registry:
         """The MLflow model directory of `model_id` into `dest` (which must not exist)."""
         from mlflow import artifacts
 
-        with self._using(f"downloading model {model_id}"):
+        with self._using(f"downloading model {model_id}") as client:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            got = artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(dest))
+            location = client.get_logged_model(model_id).artifact_location  # where this store keeps it
+            got = artifacts.download_artifacts(
+                artifact_uri=location,
+                dst_path=str(dest),
+                tracking_uri=self.store.uri,
+                registry_uri=self.store.uri,
+            )
         return Path(got)
 
 
 def _model_of(version: Any) -> str:
-    """The logged model a registered version was made from (its source, models:/<id>)."""
-    return str(getattr(version, "model_id", None) or str(version.source).removeprefix("models:/"))
+    """The logged model a registered version was made from."""
+    return str(getattr(version, "model_id", None) or version.tags.get(TAG_MODEL, ""))
 
 
 # -- the UI --------------------------------------------------------------------------------

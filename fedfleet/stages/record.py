@@ -172,7 +172,9 @@ class Recorder:
         self.mlflow_run: str | None = None
         self.model_ids: dict[int, str] = {}
         self.errors: list[str] = []
-        self.recorded_steps: set[int] = set()
+        self.recorded_steps: set[int] = set()  # rounds whose model's scores are recorded
+        self.train_steps: set[int] = set()
+        self.server_steps: set[int] = set()
         self.seconds = 0.0  # spent recording, all told
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -180,7 +182,9 @@ class Recorder:
 
     # -- the controller's side -------------------------------------------------------------
 
-    def start(self, params: Mapping[str, str], tags: Mapping[str, str], *, resume: bool = False) -> None:
+    def start(
+        self, params: Mapping[str, str], tags: Mapping[str, str], *, resume: bool = False, done: int = 0
+    ) -> None:
         """Open the run's record, then record on a thread of its own. A resumed run continues
         its record (what it holds is not recorded again); one the registry lacks starts anew."""
         earlier = self.registry.runs(self.stack, self.run_id) if resume else []
@@ -188,10 +192,17 @@ class Recorder:
             self.mlflow_run = earlier[0].mlflow_run_id
             self.registry.reopen(self.mlflow_run)
             for candidate in self.registry.rounds(earlier[0]):
+                if candidate.round > done:  # recorded by an attempt past its last commit: done again
+                    continue
                 if candidate.model_id is not None:
                     self.model_ids[candidate.round] = candidate.model_id
-                if "accuracy" in candidate.metrics or "loss" in candidate.metrics:
+                keys = list(candidate.metrics)
+                if "accuracy" in keys or "loss" in keys:
                     self.recorded_steps.add(candidate.round)
+                if any(k.startswith("train/") for k in keys):
+                    self.train_steps.add(candidate.round)
+                if any(k.startswith("server/") for k in keys):
+                    self.server_steps.add(candidate.round)
             self.registry.log(self.mlflow_run, tags={**tags, "fedfleet.resumed": "true"})
         else:
             self.mlflow_run = self.registry.start_run(self.stack, self.run_id, tags)
@@ -279,9 +290,8 @@ class Recorder:
             except Exception as err:  # a model that does not rebuild, a file that does not read
                 self.errors.append(f"{type(err).__name__}: {err}")
             self.seconds += time.monotonic() - started
-        if job is None and not self._stop.is_set() and self.broken is None:
-            for step, event in sorted(self._pending.items()):  # scores whose model never came
-                self._log_scores(step, event)
+        # Scores still waiting for their model belong to a round that was never committed
+        # (the run stopped first): not recorded; a resumed run scores that round again.
 
     def _event(self, event: dict[str, Any]) -> None:
         self.state.apply(event)
@@ -297,9 +307,15 @@ class Recorder:
                 return
             self._log_scores(step, event)
         elif kind == "train-done":
-            self.registry.log(run, metrics=names.train_metrics(event), step=int(event["round"]))
+            step = int(event["round"])
+            if step not in self.train_steps:
+                self.registry.log(run, metrics=names.train_metrics(event), step=step)
+                self.train_steps.add(step)
         elif kind == "server-evaluated":
             step = int(event["round"])
+            if step in self.server_steps:
+                return
+            self.server_steps.add(step)
             self.registry.log(
                 run, metrics=names.server_metrics(event), step=step, model_id=self.model_ids.get(step)
             )

@@ -218,9 +218,12 @@ def page(
         parts.append(
             f"<p>round <b>{best['round']}</b> by {html.escape(best['by'])}: {html.escape(metrics)}; "
             f"its weights: <code>runs/{html.escape(run_id)}/{html.escape(str(best['model']))}</code></p>"
-            f"<p>download it (an MLflow model, a plain state_dict and its source): "
-            f"<code>fedfleet models download {html.escape(run_id)}:{best['round']} -o DIR</code></p>"
         )
+        if (summary.get("registry") or {}).get("mlflow_run_id"):
+            parts.append(
+                f"<p>download it (an MLflow model, a plain state_dict and its source): "
+                f"<code>fedfleet models download {html.escape(run_id)}:{best['round']} -o DIR</code></p>"
+            )
     else:
         parts.append("<p class=note>no round was evaluated</p>")
     registry = summary.get("registry") or {}

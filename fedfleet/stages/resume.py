@@ -56,10 +56,6 @@ class Resumption:
     unreachable: list[str] = field(default_factory=list)  # earlier output that could not be fetched
     seeded: list[dict[str, Any]] = field(default_factory=list)  # the earlier events kept
 
-    @property
-    def attempts(self) -> list[dict[str, Any]]:
-        return list((self.previous or {}).get("attempts", []))
-
 
 def server_dir(home: str, run_id: str, attempt: int) -> str:
     """An attempt's output directory on the aggregator (the first: runs/<run-id>)."""
@@ -215,24 +211,24 @@ def events_file(attempt: int) -> str:
 
 
 def seed(r: Resumption, state: RunState) -> None:
-    """The run so far, as the earlier attempts' events tell it, up to the committed round."""
-    lines: list[str] = []
-    for attempt in range(1, r.attempt):
-        path = r.run_dir / events_file(attempt)
-        if path.exists():
-            lines += path.read_text().splitlines()
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # a line cut short when the aggregator died
-        number = event.get("round")
-        if event.get("event") in ("finished", "failed") or (isinstance(number, int) and number > r.done):
-            continue
-        state.apply(event)
-        r.seeded.append(event)
+    """The run so far, as the earlier attempts' events tell it: each attempt's up to the round
+    the next one resumed after (what it did later was not committed, or done again), none past
+    the commit this attempt resumes from."""
+    per_attempt = {a: _events(r.run_dir / events_file(a)) for a in range(1, r.attempt)}
+    resumed = {
+        a: next((int(e["round"]) for e in events if e.get("event") == "resumed"), None)
+        for a, events in per_attempt.items()
+    }
+    for a, events in per_attempt.items():
+        cut = min([r.done, *(k for later, k in resumed.items() if later > a and k is not None)])
+        for event in events:
+            number = event.get("round")
+            if event.get("event") in ("finished", "failed", "resumed") or (
+                isinstance(number, int) and number > cut
+            ):
+                continue
+            state.apply(event)
+            r.seeded.append(event)
     for number in [n for n in state.rounds if n > r.done]:
         del state.rounds[number]
     state.errors = [e for e in state.errors if not isinstance(e.get("round"), int) or e["round"] <= r.done]
@@ -247,26 +243,62 @@ def seed(r: Resumption, state: RunState) -> None:
     state.status, state.error = "running", None
 
 
-def attempts(r: Resumption, served: Mapping[str, str]) -> list[dict[str, Any]]:
-    """summary.json's `attempts`: every attempt of the run, this one last."""
-    earlier = r.attempts or [
-        {
-            "attempt": 1,
-            "started_at": (r.previous or {}).get("started_at"),
-            "status": (r.previous or {}).get("status", "killed (no summary was written)"),
-            "error": (r.previous or {}).get("error"),
-        }
-    ]
-    return [
-        *earlier,
+def _events(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line cut short when the aggregator died
+        if isinstance(event, dict):
+            out.append(event)
+    return out
+
+
+def drop_uncommitted(r: Resumption) -> list[str]:
+    """Models an earlier attempt saved for rounds after the commit this one resumes from (the
+    aggregator died before committing them): this attempt trains those rounds again."""
+    dropped = []
+    for model in (r.run_dir / "models").glob("round-*.pt"):
+        if _round_of(model) > r.done:
+            model.unlink()
+            dropped.append(model.name)
+    return sorted(dropped)
+
+
+def last_attempt(summary: Mapping[str, Any] | None) -> int:
+    """Which attempt wrote a summary.json."""
+    entries = (summary or {}).get("attempts") or []
+    return int(entries[-1]["attempt"]) if entries else 1
+
+
+def attempts(r: Resumption, served: Mapping[str, str], status: str) -> list[dict[str, Any]]:
+    """summary.json's `attempts`: every attempt of the run (one killed before writing its
+    summary included), this one last."""
+    out = []
+    for a in range(1, r.attempt):
+        s = _read_json(r.run_dir / f"summary-attempt-{a}.json")
+        mine = (s or {}).get("attempts") or []
+        out.append(
+            {
+                "attempt": a,
+                "started_at": (s or {}).get("started_at") if not mine else mine[-1].get("started_at"),
+                "status": (s or {}).get("status", "stopped without writing a summary"),
+                "error": (s or {}).get("error"),
+                "resumed_after_round": mine[-1].get("resumed_after_round") if mine else None,
+            }
+        )
+    out.append(
         {
             "attempt": r.attempt,
             "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "status": status,
             "resumed_after_round": r.done,
             "served": dict(served),
             "skipped_checkpoints": r.skipped or None,
-        },
-    ]
+        }
+    )
+    return out
 
 
 def _round_of(path: Path) -> int:
