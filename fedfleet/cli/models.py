@@ -59,16 +59,17 @@ def list_command(
         console.print("no runs recorded" + (f" for stack {stack}" if stack else ""))
         return
     if run is None:
-        table = Table(box=None, header_style="bold")
+        table = Table(box=None, header_style="bold", pad_edge=False)
         for column in ("run", "stack", "status", "started", "rounds", "accuracy", "F1", "loss"):
+            left = column in ("run", "stack", "status", "started")
             table.add_column(
-                column, justify="left" if column in ("run", "stack", "status", "started") else "right"
+                column, justify="left" if left else "right", no_wrap=column in ("run", "started")
             )
         for r in runs:
             rounds = [x for x in r["rounds"] if x["round"] > 0]
             last = rounds[-1]["metrics"] if rounds else {}
             table.add_row(
-                r["run"], r["stack"], r["status"].lower(), r["started"], str(len(rounds)),
+                r["run"], r["stack"], r["status"].lower(), r["started"][5:16], str(len(rounds)),
                 _cell(last, "accuracy"), _cell(last, "f1"), _cell(last, "loss"),
             )  # fmt: skip
         console.print(table)
@@ -79,7 +80,7 @@ def list_command(
             f"[bold]run {r['run']}[/] ({r['stack']}, {r['status'].lower()}, started {r['started']})"
         )
         table = Table(box=None, header_style="bold")
-        for column in ("round", *MODEL_METRICS, "model"):
+        for column in ("round", *MODEL_METRICS, "model"):  # the model ID last: it may be cut
             table.add_column(column, justify="left" if column == "model" else "right")
         for x in r["rounds"]:
             table.add_row(
