@@ -35,7 +35,7 @@ from fedfleet.stages import configure, fleet, preflight, probe, provision
 
 from .conftest import running_processes_mentioning
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.long]  # `make test-long`
 
 RUNS = 2
 HEALTHY = ("-1", "-5")
