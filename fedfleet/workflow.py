@@ -29,7 +29,7 @@ import json
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,7 +61,7 @@ from fedfleet.core.stack import (
 )
 from fedfleet.core.util import atomic_write, closest
 from fedfleet.hosts import Hosts, endpoint, for_stack
-from fedfleet.stages import collect, configure, fleet, plan, preflight, probe, provision, train
+from fedfleet.stages import authenticate, collect, configure, fleet, plan, preflight, probe, provision, train
 from fedfleet.stages import record as recording
 from fedfleet.stages import report as report_stage
 from fedfleet.stages import resume as resume_stage
@@ -824,7 +824,29 @@ def vms_report(project_dir: Path, stack_name: str) -> dict[str, Any]:
 # -- fedfleet preview | up | outputs | destroy | trust -----------------------------------
 
 
-def destroy(t: provision.Target, echo: Callable[[str], None]) -> None:
+def cloud_credentials(
+    t: provision.Target, echo: Callable[[str], None], environ: Mapping[str, str]
+) -> dict[str, str]:
+    """The verified credentials of every cloud Pulumi works in for this stack, as its
+    providers' environment variables (none for a local or hosts stack)."""
+    if not t.clouds:
+        return {}
+    store = authenticate.Store(authenticate.store_dir(environ))
+    env, used = authenticate.for_clouds(store, t.clouds, t.stack.credentials, environ, t.stack.path)
+    for line in used:
+        echo(line)
+    return env
+
+
+def preview(t: provision.Target, echo: Callable[[str], None], environ: Mapping[str, str]) -> dict[str, Any]:
+    return provision.preview(t, echo, cloud_credentials(t, echo, environ))
+
+
+def up(t: provision.Target, echo: Callable[[str], None], environ: Mapping[str, str]) -> Inventory:
+    return provision.up(t, echo, cloud_credentials(t, echo, environ))
+
+
+def destroy(t: provision.Target, echo: Callable[[str], None], environ: Mapping[str, str]) -> None:
     if t.stack.is_local:
         paths = stack_paths(t.stack, t.project)
         with locked(paths):
@@ -836,7 +858,7 @@ def destroy(t: provision.Target, echo: Callable[[str], None]) -> None:
             root = provision.remove_local(t.stack, t.project)
         echo(f"local stack {t.stack.name}: removed {root} (VM disks, keys, certificates, database)")
         return
-    provision.destroy_cloud(t, echo)
+    provision.destroy_cloud(t, echo, cloud_credentials(t, echo, environ))
 
 
 def trust(project_dir: Path, stack_name: str, names: list[str]) -> list[dict[str, Any]]:

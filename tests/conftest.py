@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +72,16 @@ def make_project(tmp_path: Path) -> Callable[..., Path]:
         return scratch_project(tmp_path / "project", config, stack, raw)
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def nothing_written_into_the_repository() -> Iterator[None]:
+    """MLflow's defaults write `mlflow.db` and `mlruns/` into the current directory: a test
+    (or the code under test) that fell back to them would leave them in the repository."""
+    from fedfleet.sandbox import REPO
+
+    strays = ("mlflow.db", "mlruns", "mlartifacts")
+    before = {name for name in strays if (REPO / name).exists()}
+    yield
+    after = {name for name in strays if (REPO / name).exists()}
+    assert after <= before, f"tests left {sorted(after - before)} in {REPO}"

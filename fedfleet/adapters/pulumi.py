@@ -1,13 +1,13 @@
 """Pulumi at the edge: the Automation API over the program in infra/, and what it needs.
 
-The Pulumi CLI and each cloud's credentials are checked before anything runs, so a
-missing piece is named with what to install or set.
+The Pulumi CLI is looked for first, so its absence is named with how to install it; the
+clouds' credentials come verified from `stages.authenticate`.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,67 +20,66 @@ PULUMI_INSTALL = (
     "state file on disk), and run this command again"
 )
 
-# How each cloud's Pulumi provider finds credentials, and what to set when none is found.
-CREDENTIALS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
-    "aws": (
-        ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE"),
-        ("~/.aws/credentials", "~/.aws/config"),
-        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run `aws configure`",
-    ),
-    "gcp": (
-        ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CREDENTIALS", "CLOUDSDK_AUTH_ACCESS_TOKEN"),
-        ("~/.config/gcloud/application_default_credentials.json",),
-        "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
-        "`gcloud auth application-default login`",
-    ),
-    "azure": (
-        ("ARM_CLIENT_ID", "ARM_USE_MSI", "ARM_USE_OIDC"),
-        ("~/.azure/azureProfile.json",),
-        "set ARM_CLIENT_ID, ARM_CLIENT_SECRET, ARM_TENANT_ID and ARM_SUBSCRIPTION_ID, or run `az login`",
-    ),
-}
+
+class _Env(dict[str, str]):
+    """The credentials' variables: the workspace's repr (in a traceback, say) shows no value."""
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{k!r}: '[secret]'" for k in self) + "}"
 
 
-def missing_credentials(clouds: set[str], environ: Mapping[str, str] | None = None) -> list[str]:
-    env = os.environ if environ is None else environ
-    missing = []
-    for cloud in sorted(clouds):
-        variables, files, fix = CREDENTIALS[cloud]
-        if any(env.get(v) for v in variables) or any(Path(f).expanduser().exists() for f in files):
-            continue
-        missing.append(f"{cloud}: no credentials found ({', '.join(variables)} unset); {fix}")
-    return missing
-
-
-def workspace_stack(project: Path, stack_name: str, clouds: set[str]) -> Any:
-    """The Automation API's stack for `stack_name`, or EnvironmentProblem saying what is missing."""
-    missing = missing_credentials(clouds)
+def workspace_stack(project: Path, stack_name: str, env: Mapping[str, str]) -> Any:
+    """The Automation API's stack for `stack_name`; `env` (the clouds' verified credentials)
+    reaches the Pulumi CLI's processes of this run only, never this process's environment."""
     from pulumi import automation as auto
 
+    with _pulumi("stack select"):
+        return auto.create_or_select_stack(
+            stack_name=stack_name,
+            work_dir=str(project),
+            opts=auto.LocalWorkspaceOptions(env_vars=_Env(env)),
+        )
+
+
+@contextmanager
+def _pulumi(verb: str) -> Iterator[None]:
+    """The CLI's absence, or its failure, as an error that says so (with what it printed last)."""
+    from pulumi.automation.errors import CommandError
+
     try:
-        stack = auto.create_or_select_stack(stack_name=stack_name, work_dir=str(project))
+        yield
     except FileNotFoundError as err:
         raise EnvironmentProblem(PULUMI_INSTALL) from err
-    if missing:
+    except CommandError as err:
+        # str(err) is the CLI's result: "code: N", "stdout: ...", "stderr: ..."
+        text = str(err)
+        code, _, rest = text.partition(" code: ")[2].partition("\n")
+        out, _, errors = rest.partition(" stderr: ")
+        said = [
+            line for line in (errors.strip() or out.removeprefix(" stdout: ")).splitlines() if line.strip()
+        ]
         raise EnvironmentProblem(
-            f"stack {stack_name!r} uses clouds without credentials here:\n  " + "\n  ".join(missing)
-        )
-    return stack
+            f"pulumi {verb} failed (exit {code.strip()}): " + " / ".join(said[-5:])
+        ) from None
 
 
 def preview(stack: Any, echo: Callable[[str], None]) -> dict[str, Any]:
-    return dict(stack.preview(on_output=echo).change_summary)
+    with _pulumi("preview"):
+        return dict(stack.preview(on_output=echo).change_summary)
 
 
 def up(stack: Any, echo: Callable[[str], None]) -> dict[str, Any]:
     """`pulumi up`; the stack's `inventory` output."""
-    return dict(stack.up(on_output=echo).outputs["inventory"].value)
+    with _pulumi("up"):
+        return dict(stack.up(on_output=echo).outputs["inventory"].value)
 
 
 def outputs(stack: Any) -> dict[str, Any] | None:
-    out = stack.outputs()
+    with _pulumi("stack output"):
+        out = stack.outputs()
     return dict(out["inventory"].value) if "inventory" in out else None
 
 
 def destroy(stack: Any, echo: Callable[[str], None]) -> None:
-    stack.destroy(on_output=echo)
+    with _pulumi("destroy"):
+        stack.destroy(on_output=echo)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedfleet import __version__
+from fedfleet.cli import auth as auth_cmd
 from fedfleet.cli import configure as configure_cmd
 from fedfleet.cli import init as init_cmd
 from fedfleet.cli import models as models_cmd
@@ -82,6 +83,7 @@ app.command("vms", help=vms_cmd.HELP)(vms_cmd.command)
 app.command("trust", help=trust_cmd.HELP)(trust_cmd.command)
 app.command("init", help=init_cmd.HELP)(init_cmd.command)
 app.add_typer(models_cmd.app, name="models")
+app.add_typer(auth_cmd.app, name="auth")
 app.command("ui", help=models_cmd.UI_HELP)(models_cmd.ui_command)
 
 

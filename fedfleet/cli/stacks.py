@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import typer
@@ -15,7 +16,10 @@ from fedfleet.core.inventory import Inventory
 from fedfleet.stages import provision as deploy
 
 STACK_HELP = "Stack name: stacks/Pulumi.<stack>.yaml."
-PREVIEW_HELP = "Show what `up` would create or change (pulumi preview; the local stack: its VM directories)."
+PREVIEW_HELP = (
+    "Show what `up` would create or change (pulumi preview; the local stack: its VM directories). "
+    "A cloud stack's credentials are verified with each cloud first (`fedfleet auth`)."
+)
 UP_HELP = (
     "Create or update the stack's VMs (pulumi up; the local stack: emulated VMs) and print its inventory."
 )
@@ -53,7 +57,7 @@ def preview(
 ) -> None:
     from fedfleet.cli.app import project_dir
 
-    summary = deploy.preview(deploy.target(project_dir(ctx), stack), _echo_to_stderr)
+    summary = workflow.preview(deploy.target(project_dir(ctx), stack), _echo_to_stderr, os.environ)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
 
@@ -65,7 +69,7 @@ def up(
 ) -> None:
     from fedfleet.cli.app import project_dir
 
-    _show(deploy.up(deploy.target(project_dir(ctx), stack), _echo_to_stderr), as_json)
+    _show(workflow.up(deploy.target(project_dir(ctx), stack), _echo_to_stderr, os.environ), as_json)
 
 
 def destroy(
@@ -78,7 +82,7 @@ def destroy(
     t = deploy.target(project_dir(ctx), stack)
     if not yes and not typer.confirm(f"Destroy every resource of stack {stack!r}?", default=False):
         raise typer.Exit(1)
-    workflow.destroy(t, _echo_to_stderr)
+    workflow.destroy(t, _echo_to_stderr, os.environ)
 
 
 def outputs(
@@ -88,4 +92,4 @@ def outputs(
 ) -> None:
     from fedfleet.cli.app import project_dir
 
-    _show(deploy.outputs(deploy.target(project_dir(ctx), stack)), as_json)
+    _show(deploy.outputs(deploy.target(project_dir(ctx), stack), {}), as_json)

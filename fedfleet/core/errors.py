@@ -31,3 +31,15 @@ class RunFailed(FedfleetError):
     """A started run did not complete every round."""
 
     exit_code = 5
+
+
+class CredentialError(FedfleetError):
+    """A cloud refused a credential, or could not be reached to check it; or a stack needs
+    one that is not there. `reason`: rejected, expired, permission, not-found, unreachable,
+    missing."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

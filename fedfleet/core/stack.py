@@ -18,6 +18,9 @@ Schema (keys under `config:`, project `fedfleet`; see Pulumi.yaml for every key)
                             whose VMs are emulated on this machine
     fedfleet:ssh            how the controller reaches real hosts: {user, keyFile, port,
                             jumpHost, knownHostsFile, connectTimeoutSeconds}
+    fedfleet:registry       {trackingUri, record}: where every run is recorded (MLflow)
+    fedfleet:credentials    {aws, gcp, azure}: the stored credential (`fedfleet auth`) each
+                            cloud uses; default the only one stored for that cloud
 
 Three kinds of stack, one schema: `local` (fedfleet:local: VMs emulated here), `hosts`
 (every VM and the aggregator given by `address`: machines you already have, reached over
@@ -41,6 +44,7 @@ from ruamel.yaml.error import YAMLError
 
 from fedfleet.core import flowerapp
 from fedfleet.core.catalog import CLOUDS
+from fedfleet.core.credentials import NAME_RE as CREDENTIAL_NAME
 from fedfleet.core.errors import ConfigError
 from fedfleet.core.placement.problem import Currency, Requirements
 from fedfleet.core.selection import Minimums
@@ -62,6 +66,7 @@ TOP_KEYS = (
     "orchestrator",
     "ssh",
     "registry",
+    "credentials",
 )
 ONPREM = "onprem"  # the cloud of a participant whose VMs are machines of its own
 HOST_KEYS = ("address", "ssh", "home", "python", "venv", "install", "serviceManager", "runtimePort")
@@ -288,6 +293,7 @@ class StackConfig:
     model: ModelSource | None = None
     flower_app: AppSource | None = None  # None: the built-in app (fl/)
     registry: RegistrySettings = RegistrySettings()
+    credentials: Mapping[str, str] = field(default_factory=dict)  # cloud -> stored credential name
 
     @property
     def is_local(self) -> bool:
@@ -410,6 +416,7 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
     local = _local(r.child("local")) if is_local else None
     orchestrator = _orchestrator(r.child("orchestrator", default={}))
     registry = _registry(r.child("registry", default={}))
+    credentials = _credentials(r.child("credentials", default={}), is_local)
     if local is not None:
         _check_ports(path, aggregator, participants)
         vms = sum(len(p.vms) for p in participants)
@@ -432,6 +439,7 @@ def parse_stack(stack: str, path: Path, config: Mapping[str, Any]) -> StackConfi
         model,
         source,
         registry,
+        credentials,
     )
 
 
@@ -822,6 +830,26 @@ def _registry(r: _Reader) -> RegistrySettings:
     if not isinstance(record.value, bool):
         raise record.fail(f"must be true or false (got {record.value!r})")
     return RegistrySettings(uri, record.value)
+
+
+def _credentials(r: _Reader, is_local: bool) -> dict[str, str]:
+    """`fedfleet:credentials: {aws: NAME, ...}`: which stored credential (`fedfleet auth list`)
+    each cloud of the stack uses."""
+    if r.value is None:
+        return {}
+    r.only(CLOUDS)
+    if is_local and r.value:
+        raise r.fail("the local stack uses no cloud; remove it (it is for stacks Pulumi provisions)")
+    names = {}
+    for cloud in r.value:
+        name = r.text(cloud)
+        if not CREDENTIAL_NAME.match(name):
+            raise r.child(cloud).fail(
+                f"{name!r} is not a credential name (lowercase letters, digits, '.', '_', '-'); "
+                "`fedfleet auth list` shows the stored ones"
+            )
+        names[str(cloud)] = name
+    return names
 
 
 def _demo(r: _Reader) -> DemoData | None:

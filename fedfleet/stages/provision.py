@@ -9,16 +9,16 @@ One inventory structure for every kind of stack (`core.inventory`):
 - cloud: Pulumi's Automation API runs the program in infra/ (`pulumi up`); its
   `inventory` output is saved, and hosts the stack gives by address are added to it.
 
-Before anything runs, a cloud stack is validated into its InfraPlan, then the Pulumi
-CLI and each used cloud's credentials are checked, so a missing piece is named with
-what to install or set.
+Before anything runs, a cloud stack is validated into its InfraPlan; Pulumi gets the
+credentials of the clouds it uses (verified by the authenticate stage) through the
+environment of its own processes only.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,10 +51,6 @@ def target(project: Path, name: str) -> Target:
     if not stack.provisioned:
         return Target(project, stack, None)
     return Target(project, stack, infra_plan(stack, load_catalog(stack.placement.catalog_overrides)))
-
-
-def missing_credentials(plan: InfraPlan, environ: dict[str, str] | None = None) -> list[str]:
-    return pulumi.missing_credentials({cloud for cloud, _ in plan.locations}, environ)
 
 
 # -- the local stack ---------------------------------------------------------------------
@@ -241,7 +237,7 @@ def saved_inventory(stack: StackConfig, project_dir: Path) -> Inventory:
     return inventory if stack.is_local else own_hosts(stack, inventory)
 
 
-def preview(t: Target, echo: Callable[[str], None]) -> dict[str, Any]:
+def preview(t: Target, echo: Callable[[str], None], credentials: Mapping[str, str]) -> dict[str, Any]:
     if t.stack.is_local:
         local = stack_paths(t.stack, t.project)
         vms = [vm.name for p in t.stack.participants for vm in p.vms]
@@ -252,11 +248,11 @@ def preview(t: Target, echo: Callable[[str], None]) -> dict[str, Any]:
     if t.plan is None:
         echo(f"stack {t.stack.name}: every host is given by address; nothing to create")
         return {"stack": t.stack.name, "hosts": True, "change_summary": {}}
-    summary = pulumi.preview(pulumi.workspace_stack(t.project, t.stack.name, t.clouds), echo)
+    summary = pulumi.preview(pulumi.workspace_stack(t.project, t.stack.name, credentials), echo)
     return {"stack": t.stack.name, "change_summary": summary}
 
 
-def up(t: Target, echo: Callable[[str], None]) -> Inventory:
+def up(t: Target, echo: Callable[[str], None], credentials: Mapping[str, str]) -> Inventory:
     """Local: the emulated VMs. Hosts: the stack file's hosts, checked. Cloud: `pulumi up`."""
     paths = stack_paths(t.stack, t.project)
     if t.stack.is_local:
@@ -270,16 +266,16 @@ def up(t: Target, echo: Callable[[str], None]) -> Inventory:
             f"stack {t.stack.name}: {len(inventory.vms())} VMs and the aggregator, given by address (no Pulumi)"
         )
     else:
-        created = pulumi.up(pulumi.workspace_stack(t.project, t.stack.name, t.clouds), echo)
+        created = pulumi.up(pulumi.workspace_stack(t.project, t.stack.name, credentials), echo)
         inventory = own_hosts(t.stack, _created(created))
     _save(paths, inventory)
     return inventory
 
 
-def outputs(t: Target) -> Inventory:
+def outputs(t: Target, credentials: Mapping[str, str]) -> Inventory:
     if t.stack.is_local or t.plan is None:
         return saved_inventory(t.stack, t.project)
-    created = pulumi.outputs(pulumi.workspace_stack(t.project, t.stack.name, t.clouds))
+    created = pulumi.outputs(pulumi.workspace_stack(t.project, t.stack.name, credentials))
     if created is None:
         raise EnvironmentProblem(
             f"stack {t.stack.name!r} has no outputs yet: run `fedfleet up --stack {t.stack.name}`"
@@ -289,14 +285,14 @@ def outputs(t: Target) -> Inventory:
     return inventory
 
 
-def destroy_cloud(t: Target, echo: Callable[[str], None]) -> None:
+def destroy_cloud(t: Target, echo: Callable[[str], None], credentials: Mapping[str, str]) -> None:
     """`pulumi destroy` (what the stack gives by address is never touched)."""
     if t.plan is None:
         echo(
             f"stack {t.stack.name}: every host is given by address; fedfleet created none, so it deletes none"
         )
     else:
-        pulumi.destroy(pulumi.workspace_stack(t.project, t.stack.name, t.clouds), echo)
+        pulumi.destroy(pulumi.workspace_stack(t.project, t.stack.name, credentials), echo)
     stack_paths(t.stack, t.project).inventory.unlink(missing_ok=True)
 
 
