@@ -19,6 +19,7 @@ import datetime as dt
 import ipaddress
 import json
 import secrets
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -115,6 +116,8 @@ class State:
     azure_tokens: dict[str, AzureApp] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    forget_google_tokens: bool = False  # Resource Manager answers 401 to every token
+    drop_arm: bool = False  # ARM closes the connection without an answer (a reset on the way)
 
 
 def _google_error(code: int, status: str, message: str) -> dict[str, Any]:
@@ -210,7 +213,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer"})
 
     def _project(self, project_id: str) -> None:
-        account = self.server.state.google_tokens.get(self._bearer())
+        account = (
+            None
+            if self.server.state.forget_google_tokens
+            else self.server.state.google_tokens.get(self._bearer())
+        )
         if account is None:
             return self._send(
                 401,
@@ -312,6 +319,10 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _subscription(self, subscription: str) -> None:
+        if self.server.state.drop_arm:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         app = self.server.state.azure_tokens.get(self._bearer())
         if app is None:
             return self._send(

@@ -139,7 +139,8 @@ def test_valid_credentials_are_verified_shown_and_stored_owner_only(tmp_path: Pa
 
     store = Path(env["FEDFLEET_CREDENTIALS_DIR"])
     assert store.stat().st_mode & 0o777 == 0o700
-    assert {p.name: p.stat().st_mode & 0o777 for p in store.iterdir()} == {f"{n}.json": 0o600 for n in rows}
+    files = {p.name: p.stat().st_mode & 0o777 for p in store.iterdir()}
+    assert files == {**{f"{n}.json": 0o600 for n in rows}, ".lock": 0o600}
     # No secret in anything shown, nor in any file but the store (the credential files aside).
     everything = [listed.stdout, table.stdout, verified.stdout, verified.stderr, *outputs]
     scan(
@@ -235,6 +236,35 @@ def test_each_refusal_has_its_own_message_and_nothing_is_stored(
     scan(secrets, str(err.value))
 
 
+@pytest.mark.parametrize("case", ["gcp-token-not-accepted", "azure-connection-reset"])
+def test_an_answer_cut_short_or_a_token_refused_later_is_a_clear_error(
+    case: str, tmp_path: Path, fakes: Fakes, env
+):
+    store = authenticate.Store(Path(env["FEDFLEET_CREDENTIALS_DIR"]))
+    try:
+        if case.startswith("gcp"):
+            fakes.clouds.state.forget_google_tokens = True
+            sa = fakes.clouds.service_account("hospital-fl")
+            cloud, path, secrets = "gcp", write(tmp_path, "sa.json", sa), secrets_of(sa)
+        else:
+            fakes.clouds.state.drop_arm = True
+            sp = fakes.clouds.service_principal()
+            cloud, path, secrets = "azure", write(tmp_path, "sp.json", sp), secrets_of(sp)
+        with pytest.raises(CredentialError) as err:
+            authenticate.add(store, cloud, path, env)
+    finally:
+        fakes.clouds.state.forget_google_tokens = fakes.clouds.state.drop_arm = False
+    if case.startswith("gcp"):
+        assert err.value.reason == "rejected"
+        assert "Resource Manager did not accept the token Google issued for" in str(err.value)
+    else:
+        assert err.value.reason == "unreachable" and "azure: no answer from https://127.0.0.1" in str(
+            err.value
+        )
+    assert store.names() == []
+    scan(secrets, str(err.value))
+
+
 def test_the_cli_says_nothing_was_stored_and_keeps_what_was(tmp_path: Path, fakes: Fakes, env):
     good = fedfleet(
         env,
@@ -269,6 +299,28 @@ def test_the_cli_says_nothing_was_stored_and_keeps_what_was(tmp_path: Path, fake
     assert unknown.returncode == 2 and "unknown cloud 'oracle': one of aws, gcp, azure" in unknown.stderr
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before
     scan(secrets_of(fakes.reader, fakes.deployer), bad.stdout, bad.stderr, dup.stderr, wrong_cloud.stderr)
+
+
+def test_in_a_terminal_the_identity_is_shown_and_storing_it_is_asked(tmp_path: Path, fakes: Fakes, env):
+    import pty
+
+    path = write(tmp_path, "keys.csv", aws_csv(fakes.deployer))
+    for answer, stored in (("n", False), ("y", True)):
+        main, tty = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedfleet", "auth", "add", "aws", "--file", str(path)],
+            stdin=tty, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        )  # fmt: skip
+        os.write(main, f"{answer}\n".encode())
+        out, _ = proc.communicate(timeout=60)
+        os.close(main), os.close(tty)
+        said = " ".join(out.split())
+        assert "verified account 123456789012 as arn:aws:iam::123456789012:user/deployer" in said
+        assert said.index("verified account") < said.index("Store it as aws-123456789012?")
+        assert (proc.returncode, "not stored" in said) == ((0, False) if stored else (1, True))
+        assert authenticate.Store(Path(env["FEDFLEET_CREDENTIALS_DIR"])).names() == (
+            ["aws-123456789012"] if stored else []
+        )
 
 
 def test_verify_finds_a_credential_that_stopped_working(tmp_path: Path, fakes: Fakes, env):
@@ -332,7 +384,9 @@ def test_preview_verifies_each_cloud_and_hands_pulumi_the_credentials_in_its_env
     assert "gcp: stored credential 'gcp-hospital-fl', verified: project hospital-fl" in said
     assert f"azure: stored credential 'azure-{sp['subscriptionId']}', verified: subscription" in said
 
-    # With a stand-in for the CLI: the credentials reach its processes, and nothing else.
+    # With a stand-in for the CLI: the credentials reach its processes, and nothing else; what
+    # this shell holds of other credentials (a stale session token, a profile) does not.
+    env = {**env, "AWS_SESSION_TOKEN": "zzSTALEzz", "AWS_PROFILE": "someone-else", "ARM_USE_MSI": "true"}
     bin_dir, log = tmp_path / "bin", tmp_path / "pulumi-calls.jsonl"
     bin_dir.mkdir()
     (bin_dir / "pulumi").write_text(FAKE_PULUMI.format(python=sys.executable, log=str(log)))
@@ -349,6 +403,9 @@ def test_preview_verifies_each_cloud_and_hands_pulumi_the_credentials_in_its_env
         assert call["env"]["AWS_SECRET_ACCESS_KEY"] == fakes.deployer["secret"]
         assert json.loads(call["env"]["GOOGLE_CREDENTIALS"])["client_email"] == sa["client_email"]
         assert call["env"]["ARM_CLIENT_SECRET"] == sp["clientSecret"]
+        assert (
+            call["env"]["AWS_SESSION_TOKEN"] == call["env"]["AWS_PROFILE"] == call["env"]["ARM_USE_MSI"] == ""
+        )
     scan(secrets_of(fakes.deployer, sa, sp), none.stderr, no_cli.stdout, no_cli.stderr, with_cli.stdout, with_cli.stderr,
          roots=(project,))  # fmt: skip
 

@@ -56,10 +56,53 @@ def test_every_format_the_clouds_hand_out_is_read():
     plain = read_file("azure", json.dumps(SP), "sp.json", subscription=SUB)
     sdk = read_file("azure", json.dumps(SDK_AUTH), "sp.json")
     assert plain.public == sdk.public == {"client_id": CLIENT, "tenant_id": TENANT, "subscription_id": SUB}
-    assert sdk.pulumi_env() == {
+    assert {k: v for k, v in sdk.pulumi_env().items() if v} == {
         "ARM_CLIENT_ID": CLIENT, "ARM_CLIENT_SECRET": "zzAZURESECRETzz~1", "ARM_TENANT_ID": TENANT,
         "ARM_SUBSCRIPTION_ID": SUB,
     }  # fmt: skip
+    # what would win over the verified credential (a managed identity, OIDC) is blanked for Pulumi
+    assert sdk.pulumi_env()["ARM_USE_MSI"] == sdk.pulumi_env()["ARM_USE_OIDC"] == ""
+
+
+def test_the_aws_cli_exports_and_commented_credentials_files_are_read():
+    commented = (
+        f"# work account\n; old\n[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n"
+    )
+    sso = commented + "[sso-session corp]\nsso_start_url = https://x\n"
+    export_json = json.dumps(
+        {
+            "Version": 1,
+            "AccessKeyId": "ASIATEMPORARYKEY0000",
+            "SecretAccessKey": SECRET,
+            "SessionToken": "zzT",
+        }
+    )
+    export_env = f"export AWS_ACCESS_KEY_ID={KEY_ID}\nexport AWS_SECRET_ACCESS_KEY={SECRET}\n"
+    for text, key_id in (
+        (commented, KEY_ID),
+        (sso, KEY_ID),
+        (export_json, "ASIATEMPORARYKEY0000"),
+        (export_env, KEY_ID),
+    ):
+        c = read_file("aws", text, "f")
+        assert c.key_id == key_id and c.secret.reveal()["secret_access_key"] == SECRET
+    assert read_file("aws", export_json, "f").secret.reveal()["session_token"] == "zzT"
+    # a stale session token in the shell never pairs with a long-term key
+    assert read_file("aws", commented, "f").pulumi_env()["AWS_SESSION_TOKEN"] == ""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"{KEY_ID},{SECRET}\n\n",  # no header
+        f"{KEY_ID},{SECRET}\n{KEY_ID},{SECRET}\n",
+        json.dumps({"SecretAccessKey": SECRET}) + "\n\n",
+    ],
+)
+def test_a_malformed_file_is_never_quoted(text: str):
+    with pytest.raises(ConfigError) as err:
+        read_file("aws", text, "keys.csv")
+    assert SECRET not in str(err.value) and "keys.csv" in str(err.value)
 
 
 def test_a_credential_never_shows_its_secret():
@@ -105,7 +148,7 @@ def test_bad_files_name_the_field_or_format_and_the_fix(cloud, text, kwargs, mes
 def test_static_credentials_in_the_environment_are_read_as_pulumi_reads_them(tmp_path: Path):
     env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET}
     aws = from_environment("aws", env, Path.read_text)
-    assert aws is not None and aws.pulumi_env() == env
+    assert aws is not None and {k: v for k, v in aws.pulumi_env().items() if v} == env
     key = tmp_path / "sa.json"
     key.write_text(json.dumps(SA))
     gcp = from_environment("gcp", {"GOOGLE_APPLICATION_CREDENTIALS": str(key)}, lambda p: Path(p).read_text())
@@ -187,10 +230,17 @@ def test_the_stack_named_credential_then_the_environment_then_the_only_stored_on
         authenticate.for_clouds(store, {"aws"}, {"aws": "hospital"}, {}, stack_file, verify)
     with pytest.raises(ConfigError, match=r"no stored credential named 'cj'.*known: ci, hospital, team"):
         authenticate.for_clouds(store, {"aws"}, {"aws": "cj"}, {}, stack_file, verify)
+    # the environment's own partial settings (ARM_SUBSCRIPTION_ID alone, after `az login`) give way
+    # to the one stored Azure credential, and say so
+    env, used = authenticate.for_clouds(
+        store, {"azure"}, {}, {"ARM_SUBSCRIPTION_ID": SUB}, stack_file, verify
+    )
+    assert env["ARM_CLIENT_ID"] == CLIENT and "the environment's azure settings were not used" in used[0]
     with pytest.raises(CredentialError) as err:
         authenticate.for_clouds(
             store, {"aws"}, {"aws": "team"}, {}, stack_file, _fake_verify(refuse={"AKIATEAMTEAMTEAMTEAM"})
         )
+    assert store.load("team").meta["last_result"] == "expired"  # what the check found is recorded
     assert "aws (stored credential 'team') no longer verifies: aws: refused by the test" in str(err.value)
     assert (
         "`fedfleet auth add aws --file FILE --name NEW`" in str(err.value) and err.value.reason == "expired"
@@ -214,6 +264,21 @@ def test_the_store_is_owner_only_outside_repositories_and_refuses_duplicates(tmp
     (tmp_path / "repo" / ".git").mkdir(parents=True)
     with pytest.raises(ConfigError, match="must not be inside a repository"):
         authenticate.Store(tmp_path / "repo" / "secrets")
+    with pytest.raises(ConfigError, match=r"no stored credential named '\.\./hospital'"):
+        store.remove("../hospital")  # a name never reaches outside the store
+
+
+def test_a_check_never_brings_back_a_credential_removed_meanwhile(tmp_path: Path):
+    store = _store(tmp_path, ("azure", "hospital", json.dumps(SDK_AUTH)))
+    loaded = store.load("hospital")
+    store.remove("hospital")
+    assert store.update(loaded, {**loaded.meta, "last_result": "ok"}) is False
+    assert store.names() == []
+    replacement = tmp_path / "new.json"
+    replacement.write_text(json.dumps({**SDK_AUTH, "clientSecret": "zzNEWSECRETzz"}))
+    authenticate.add(store, "azure", replacement, {}, name="hospital", verify=_fake_verify())
+    assert store.update(loaded, loaded.meta) is False  # the old secret never overwrites the new one
+    assert store.load("hospital").credential.secret.reveal()["client_secret"] == "zzNEWSECRETzz"
 
 
 def test_a_stack_names_its_credential_per_cloud():

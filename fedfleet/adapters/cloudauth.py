@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -38,17 +39,26 @@ def verify(credential: Credential, environ: Mapping[str, str]) -> dict[str, str]
     """Who the credential is (account, project, subscription...), or CredentialError."""
     for name in ("azure", "msal", "urllib3", "botocore", "google"):  # nothing of theirs on the terminal
         logging.getLogger(name).setLevel(logging.ERROR)
-    if credential.cloud == "aws":
-        return _aws(credential)
-    if credential.cloud == "gcp":
-        return _gcp(credential, environ)
-    return _azure(credential, environ)
+    check = {"aws": _aws, "gcp": _gcp, "azure": _azure}[credential.cloud]
+    try:
+        return check(credential, environ)
+    except CredentialError as err:
+        # What a cloud (or a proxy on the way) said is quoted in messages: never a secret.
+        raise CredentialError(redact(str(err), credential), err.reason) from None
+
+
+def redact(text: str, credential: Credential) -> str:
+    for value in credential.secret.reveal().values():
+        for piece in (value, *value.splitlines()):
+            if len(piece.strip()) >= 8:
+                text = text.replace(piece.strip(), "[secret]")
+    return text
 
 
 # -- AWS -------------------------------------------------------------------------------------
 
 
-def _aws(credential: Credential) -> dict[str, str]:
+def _aws(credential: Credential, environ: Mapping[str, str]) -> dict[str, str]:
     import boto3
     import botocore.exceptions as bx
     from botocore.config import Config
@@ -66,11 +76,18 @@ def _aws(credential: Credential) -> dict[str, str]:
         botocore_session=_bare_botocore(),
     )
     step = "STS GetCallerIdentity"
+
+    def client(service: str) -> Any:  # boto3's own endpoint and CA settings, read from `environ`
+        endpoint = environ.get(f"AWS_ENDPOINT_URL_{service.upper()}") or environ.get("AWS_ENDPOINT_URL")
+        return session.client(
+            service, config=config, endpoint_url=endpoint or None, verify=environ.get("AWS_CA_BUNDLE")
+        )
+
     try:
-        sts = session.client("sts", config=config)
+        sts = client("sts")
         step = f"STS GetCallerIdentity at {sts.meta.endpoint_url}"
         who = sts.get_caller_identity()
-        ec2 = session.client("ec2", config=config)
+        ec2 = client("ec2")
         step = f"EC2 DescribeRegions at {ec2.meta.endpoint_url}"
         regions = ec2.describe_regions()["Regions"]
     except bx.ClientError as err:
@@ -99,11 +116,14 @@ def _bare_botocore() -> Any:
     exist here would otherwise stop the check before it starts."""
     import botocore.session
 
-    session = botocore.session.Session()
-    session.set_config_variable("profile", None)
-    session.set_config_variable("credentials_file", "/dev/null")
-    session.set_config_variable("config_file", "/dev/null")
-    return session
+    # (config name, environment variable, default, conversion): none of them read from anywhere
+    return botocore.session.Session(
+        session_vars={
+            "profile": (None, None, None, None),
+            "credentials_file": (None, None, os.devnull, None),
+            "config_file": (None, None, os.devnull, None),
+        }
+    )
 
 
 def _aws_refusal(code: str, message: str, key: str, step: str, credential: Credential) -> CredentialError:
@@ -206,11 +226,19 @@ def _gcp(credential: Credential, environ: Mapping[str, str]) -> dict[str, str]:
             "project); download a key of a service account in the project you deploy to",
             "not-found",
         ) from None
-    except (api.Unauthenticated, api.Unauthorized) as err:
+    except (api.Unauthenticated, api.Unauthorized, gx.GoogleAuthError) as err:
+        # (a 401 makes the client try to refresh a token it cannot refresh: a GoogleAuthError)
         raise CredentialError(
-            f"gcp: Resource Manager did not accept the token issued for {email} ({err.message})", "rejected"
+            f"gcp: Resource Manager did not accept the token Google issued for {email} just now "
+            f"({_short(err)}); check that {where} is Google's Resource Manager",
+            "rejected",
         ) from None
-    except (api.GoogleAPICallError, OSError) as err:
+    except api.GoogleAPICallError as err:
+        raise CredentialError(
+            f"gcp: Resource Manager at {where} answered {err.code} ({err.message}) for project {p['project_id']}",
+            "unreachable" if (err.code or 0) >= 500 or err.code == 429 else "rejected",
+        ) from None
+    except OSError as err:
         raise CredentialError(
             f"gcp: could not reach Resource Manager at {where} ({_short(err)}); check this machine's network "
             "and proxy (HTTPS_PROXY).",
@@ -264,11 +292,21 @@ UNREACHABLE = (
     "Temporary failure in name resolution",
     "Connection refused",
     "Connection reset",
+    "Connection aborted",
+    "RemoteDisconnected",
+    "SSLError",
+    "SSL:",
+    "EOF occurred",
 )
 
 
 def _azure(credential: Credential, environ: Mapping[str, str]) -> dict[str, str]:
-    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
+    from azure.core.exceptions import (
+        AzureError,
+        ClientAuthenticationError,
+        HttpResponseError,
+        ServiceRequestError,
+    )
     from azure.identity import ClientSecretCredential
     from azure.mgmt.resource.subscriptions import SubscriptionClient
 
@@ -284,11 +322,18 @@ def _azure(credential: Credential, environ: Mapping[str, str]) -> dict[str, str]
         **transport,
     )  # fmt: skip
     app = f"application {mask(p['client_id'])} in tenant {p['tenant_id']}"
+    step = "token"
     try:
         token_credential.get_token(scope)
+        step = "ARM"
         client = SubscriptionClient(token_credential, base_url=arm, credential_scopes=[scope], **transport)
         sub = client.subscriptions.get(p["subscription_id"])
     except ClientAuthenticationError as err:
+        if step == "ARM":  # a 401 from ARM, after a token was issued
+            raise CredentialError(
+                f"azure: ARM at {arm} did not accept the token {authority} issued to {app} ({_short(err)})",
+                "rejected",
+            ) from None
         raise _azure_refusal(str(err.message or err), app, authority) from None
     except ServiceRequestError as err:
         raise CredentialError(
@@ -319,6 +364,12 @@ def _azure(credential: Credential, environ: Mapping[str, str]) -> dict[str, str]
             f"azure: {authority} did not answer as Microsoft's identity platform for tenant {p['tenant_id']} "
             f"({_short(err)}); check the tenant id and activeDirectoryEndpointUrl",
             "rejected",
+        ) from None
+    except AzureError as err:  # a connection reset, a read timeout: no answer
+        raise CredentialError(
+            f"azure: no answer from {authority if step == 'token' else arm} ({_short(err)}); check this machine's "
+            "network and proxy (HTTPS_PROXY).",
+            "unreachable",
         ) from None
     finally:
         token_credential.close()

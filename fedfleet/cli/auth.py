@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,23 +53,36 @@ def add_command(
     subscription: str | None = typer.Option(
         None, "--subscription", help="azure: the subscription ID, for a file without one."
     ),
+    yes: bool = typer.Option(False, "--yes", help="Store without asking (asked only in a terminal)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     if cloud not in CLOUDS:
         raise ConfigError(f"unknown cloud {cloud!r}: one of {', '.join(CLOUDS)}")
-    console = Console(stderr=True)
+    status = Console(stderr=True).status(f"asking {cloud} who this is", spinner="dots")
+    out = Console(stderr=as_json)
+
+    def confirm(name: str, identity: dict[str, str]) -> bool:
+        """The identity the cloud confirmed, shown before anything is stored."""
+        status.stop()
+        out.print(f"[green]verified[/] {escape(_identity_line(cloud, identity))}", soft_wrap=True)
+        if yes or not sys.stdin.isatty():
+            return True
+        return typer.confirm(f"Store it as {name}?", default=True)
+
     try:
-        with console.status(f"asking {cloud} who this is", spinner="dots"):
+        with status:
             added = authenticate.add(
-                _store(), cloud, file, os.environ, name=name, profile=profile, subscription=subscription
-            )
+                _store(), cloud, file, os.environ, name=name, profile=profile, subscription=subscription,
+                confirm=confirm,
+            )  # fmt: skip
     except CredentialError as err:
         raise CredentialError(f"{err} Nothing was stored.", err.reason) from None
+    if added["stored"] is None:
+        out.print("not stored")
+        raise typer.Exit(1)
     if as_json:
         typer.echo(json.dumps(added, indent=2))
         return
-    out = Console()
-    out.print(f"[green]verified[/] {escape(_identity_line(cloud, added['identity']))}")
     out.print(
         f"stored as [bold]{escape(added['name'])}[/] (key {escape(added['masked_key_id'])}) in "
         f"{escape(str(Path(added['stored']).parent))}"

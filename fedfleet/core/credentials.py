@@ -36,6 +36,14 @@ AWS_KEY_ID = re.compile(r"^(AKIA|ASIA)[A-Z0-9]{12,124}$")
 GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 ADD = "fedfleet auth add {cloud} --file FILE"
 KEY_ID = {"aws": "access_key_id", "gcp": "private_key_id", "azure": "client_id"}
+# Variables through which another credential would win over (or mix with) a verified one.
+COMPETING = {
+    "aws": ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+            "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+    "gcp": ("GOOGLE_OAUTH_ACCESS_TOKEN", "CLOUDSDK_AUTH_ACCESS_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"),
+    "azure": ("ARM_USE_MSI", "ARM_USE_OIDC", "ARM_USE_CLI", "ARM_CLIENT_CERTIFICATE_PATH",
+              "ARM_CLIENT_CERTIFICATE_PASSWORD", "ARM_OIDC_TOKEN", "ARM_OIDC_TOKEN_FILE_PATH"),
+}  # fmt: skip
 # Where each cloud's console gives the file `auth add` reads.
 WHERE = {
     "aws": "an access key's CSV from the IAM console (Users > Security credentials > Create access key), "
@@ -89,21 +97,23 @@ class Credential:
         return mask(self.key_id)
 
     def pulumi_env(self) -> dict[str, str]:
-        """The environment variables Pulumi's provider for this cloud reads its credentials from."""
+        """The environment variables Pulumi's provider for this cloud reads its credentials
+        from; those that would take precedence over them, or pair with them (a stale session
+        token left in the shell), are set empty, which the providers read as unset."""
         s, p = self.secret.reveal(), self.public
         if self.cloud == "aws":
             env = {"AWS_ACCESS_KEY_ID": p["access_key_id"], "AWS_SECRET_ACCESS_KEY": s["secret_access_key"]}
-            if s.get("session_token"):
-                env["AWS_SESSION_TOKEN"] = s["session_token"]
-            return env
-        if self.cloud == "gcp":
-            return {"GOOGLE_CREDENTIALS": s["key_json"], "GOOGLE_PROJECT": p["project_id"]}
-        return {
-            "ARM_CLIENT_ID": p["client_id"],
-            "ARM_CLIENT_SECRET": s["client_secret"],
-            "ARM_TENANT_ID": p["tenant_id"],
-            "ARM_SUBSCRIPTION_ID": p["subscription_id"],
-        }
+            env["AWS_SESSION_TOKEN"] = s.get("session_token", "")
+        elif self.cloud == "gcp":
+            env = {"GOOGLE_CREDENTIALS": s["key_json"], "GOOGLE_PROJECT": p["project_id"]}
+        else:
+            env = {
+                "ARM_CLIENT_ID": p["client_id"],
+                "ARM_CLIENT_SECRET": s["client_secret"],
+                "ARM_TENANT_ID": p["tenant_id"],
+                "ARM_SUBSCRIPTION_ID": p["subscription_id"],
+            }
+        return {**dict.fromkeys(COMPETING[self.cloud], ""), **env}
 
     def to_store(self) -> dict[str, Any]:
         return {"cloud": self.cloud, "public": self.public, "secret": self.secret.reveal()}
@@ -213,12 +223,19 @@ def _field(data: Mapping[str, Any], name: str, source: str, fix: str) -> str:
     return value.strip()
 
 
+INI_SECTION = re.compile(r"^\s*\[[^\]]+\]\s*$", re.MULTILINE)
+
+
 def _aws(text: str, source: str, profile: str | None) -> Credential:
-    head = text.lstrip("\ufeff").lstrip()
-    if head.startswith("["):
+    head = text.lstrip("\ufeff").strip()
+    if INI_SECTION.search(head):  # a credentials/config file (comments before the first section too)
         return _aws_ini(head, source, profile)
     if profile is not None:
-        raise ConfigError(f"--profile {profile}: {source} is an access-key CSV, which has no profiles")
+        raise ConfigError(f"--profile {profile}: {source} has no [profile] sections")
+    if head.startswith("{"):
+        return _aws_export(head, source)
+    if re.match(r"^(export\s+)?AWS_ACCESS_KEY_ID=", head):
+        return _aws_env_lines(head, source)
     rows = list(csv.reader(io.StringIO(head)))
     if len(rows) < 2:
         raise ConfigError(
@@ -230,9 +247,10 @@ def _aws(text: str, source: str, profile: str | None) -> Credential:
     try:
         i_id, i_secret = header.index("access key id"), header.index("secret access key")
     except ValueError:
+        # never quote the file: a "header" may be a row of keys
         raise ConfigError(
-            f"{source}: the CSV header has no columns 'Access key ID' and 'Secret access key' "
-            f"(it has: {', '.join(rows[0])}); give the CSV the IAM console downloads for an access key"
+            f"{source}: the CSV header (its first line, {len(rows[0])} columns) has no columns 'Access key ID' "
+            "and 'Secret access key'; give the CSV the IAM console downloads for an access key"
         ) from None
     data = [r for r in rows[1:] if any(c.strip() for c in r)]
     if len(data) != 1:
@@ -241,6 +259,29 @@ def _aws(text: str, source: str, profile: str | None) -> Credential:
     if len(row) <= max(i_id, i_secret):
         raise ConfigError(f"{source}: the access key row has {len(row)} columns, the header {len(header)}")
     return _aws_credential(row[i_id].strip(), row[i_secret].strip(), "", "", source, "'Access key ID'")
+
+
+def _aws_export(text: str, source: str) -> Credential:
+    """`aws configure export-credentials` (its default JSON, or `--format process`)."""
+    data = _json(text, source, "aws")
+    fix = "`aws configure export-credentials` prints AccessKeyId, SecretAccessKey and, for temporary keys, SessionToken"
+    key_id, secret = _field(data, "AccessKeyId", source, fix), _field(data, "SecretAccessKey", source, fix)
+    token = str(data.get("SessionToken") or "").strip()
+    return _aws_credential(key_id, secret, token, "", source, "AccessKeyId")
+
+
+def _aws_env_lines(text: str, source: str) -> Credential:
+    """`aws configure export-credentials --format env`: `export AWS_...=...` lines."""
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.strip().removeprefix("export").strip().partition("=")
+        if sep:
+            values[name.strip()] = value.strip().strip("'\"")
+    fix = "the lines need AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    key_id = _field(values, "AWS_ACCESS_KEY_ID", source, fix)
+    secret = _field(values, "AWS_SECRET_ACCESS_KEY", source, fix)
+    token = values.get("AWS_SESSION_TOKEN", "")
+    return _aws_credential(key_id, secret, token, values.get("AWS_REGION", ""), source, "AWS_ACCESS_KEY_ID")
 
 
 def _aws_ini(text: str, source: str, profile: str | None) -> Credential:
@@ -253,7 +294,11 @@ def _aws_ini(text: str, source: str, profile: str | None) -> Credential:
             f"{source}: not an AWS credentials/config file ({type(err).__name__}"
             f"{f' at line {line}' if line else ''}); expected [profile] sections of key = value lines"
         ) from None
-    names = {s.removeprefix("profile ").strip(): s for s in parser.sections()}
+    names = {
+        s.removeprefix("profile ").strip(): s
+        for s in parser.sections()
+        if not s.startswith(("sso-session ", "services "))  # not profiles
+    }
     if profile is None:
         if "default" in names:
             profile = "default"
@@ -381,7 +426,8 @@ def _azure(text: str, source: str, subscription: str | None) -> Credential:
 
 def from_environment(cloud: str, environ: Mapping[str, str], read_text: Any) -> Credential | None:
     """The static credential for `cloud` that Pulumi would take from `environ`, when there is
-    one fedfleet can verify (CI passes secrets this way); `read_text(path)` reads a key file."""
+    one fedfleet can verify (CI passes secrets this way); `read_text(path)` reads a key file.
+    ConfigError when the variables are there but incomplete or not a key fedfleet can verify."""
     if cloud == "aws":
         key_id, secret = environ.get("AWS_ACCESS_KEY_ID"), environ.get("AWS_SECRET_ACCESS_KEY")
         if not key_id:

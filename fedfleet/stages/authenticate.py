@@ -15,10 +15,12 @@ a masked key id.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from typing import Any
 from fedfleet.adapters import cloudauth
 from fedfleet.core.credentials import (
     ENV_HINT,
+    NAME_RE,
     WHERE,
     Credential,
     check_name,
@@ -69,7 +72,8 @@ class Store:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         repo = _repository_of(self.root)
-        if repo is not None:
+        # a repository of dotfiles rooted at the home directory adds files one by one: allowed
+        if repo is not None and repo != Path.home().resolve():
             raise ConfigError(
                 f"{STORE_ENV}={root}: the credential store must not be inside a repository ({repo} is "
                 "one), where a commit could publish it; point it outside (default ~/.config/fedfleet/credentials)"
@@ -88,9 +92,21 @@ class Store:
         if self.root.stat().st_mode & 0o077:
             os.chmod(self.root, 0o700)
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One change to the store at a time (an `auth verify` and an `auth remove` at once must
+        not bring a removed key back)."""
+        self._open()
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def load(self, name: str) -> Stored:
         path = self.path(name)
-        if not path.is_file():
+        if not NAME_RE.match(name) or not path.is_file():
             known = self.names()
             raise ConfigError(
                 f"no stored credential named {name!r} ({self.root}); "
@@ -115,22 +131,34 @@ class Store:
     def create(self, name: str, credential: Credential, meta: dict[str, Any]) -> Path:
         """Store a new credential, 0600 from its first byte; refuse a name that exists (also
         one stored at the same moment by another command)."""
-        self._open()
         path = self.path(name)
-        tmp = self.root / f".{name}.{secrets.token_hex(4)}.tmp"
-        self._write(tmp, {**meta, **credential.to_store()})
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise _duplicate(name, self.root) from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._locked():
+            tmp = self.root / f".{name}.{secrets.token_hex(4)}.tmp"
+            self._write(tmp, {**meta, **credential.to_store()})
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise _duplicate(name, self.root) from None
+            finally:
+                tmp.unlink(missing_ok=True)
         return path
 
-    def update(self, stored: Stored, meta: dict[str, Any]) -> None:
-        tmp = self.root / f".{stored.name}.{secrets.token_hex(4)}.tmp"
-        self._write(tmp, {**meta, **stored.credential.to_store()})
-        os.replace(tmp, self.path(stored.name))
+    def update(self, stored: Stored, meta: dict[str, Any]) -> bool:
+        """Record a check's result, unless the credential was removed or replaced meanwhile."""
+        with self._locked():
+            try:
+                now = self.load(stored.name)
+            except ConfigError:
+                return False
+            if (now.credential.public, now.credential.secret) != (
+                stored.credential.public,
+                stored.credential.secret,
+            ):
+                return False
+            tmp = self.root / f".{stored.name}.{secrets.token_hex(4)}.tmp"
+            self._write(tmp, {**meta, **stored.credential.to_store()})
+            os.replace(tmp, self.path(stored.name))
+            return True
 
     @staticmethod
     def _write(path: Path, data: dict[str, Any]) -> None:
@@ -145,8 +173,9 @@ class Store:
             raise
 
     def remove(self, name: str) -> Stored:
-        stored = self.load(name)
-        self.path(name).unlink()
+        with self._locked():
+            stored = self.load(name)
+            self.path(name).unlink()
         return stored
 
 
@@ -199,8 +228,10 @@ def add(
     profile: str | None = None,
     subscription: str | None = None,
     verify: Verifier = cloudauth.verify,
+    confirm: Callable[[str, dict[str, str]], bool] = lambda name, identity: True,
 ) -> dict[str, Any]:
-    """Read, verify, then store. Nothing is stored unless the cloud accepted the credential."""
+    """Read, verify, show (`confirm(name, identity)`: False stores nothing), then store.
+    Nothing is stored unless the cloud accepted the credential."""
     if name is not None:
         check_name(name)
         if store.path(name).exists():
@@ -208,6 +239,10 @@ def add(
     credential = read_file(cloud, read(file), str(file), profile=profile, subscription=subscription)
     identity = verify(credential, environ)
     name = name or default_name(cloud, identity)
+    if store.path(name).exists():
+        raise _duplicate(name, store.root)
+    if not confirm(name, identity):
+        return {"name": name, "cloud": cloud, "identity": identity, "stored": None}
     now = _now()
     meta = {
         "cloud": cloud, "identity": identity, "masked_key_id": credential.masked_key_id(),
@@ -236,8 +271,8 @@ def verify_stored(
         except CredentialError as err:
             meta["last_result"], error = err.reason, str(err)
         meta["last_verified"] = _now()
-        store.update(stored, meta)
-        results.append({"name": name, **meta, "ok": error is None, "error": error})
+        recorded = store.update(stored, meta)  # False: removed or replaced meanwhile
+        results.append({"name": name, **meta, "ok": error is None, "error": error, "recorded": recorded})
     return results
 
 
@@ -258,7 +293,8 @@ def for_clouds(
 
     Per cloud: the stored credential `fedfleet:credentials.<cloud>` names; else static
     credentials in `environ` (CI); else the only stored credential for the cloud."""
-    chosen, missing = {}, []
+    chosen: dict[str, tuple[Credential, str, Stored | None]] = {}
+    missing = []
     for cloud in sorted(clouds):
         try:
             chosen[cloud] = _choose(store, cloud, named.get(cloud), environ, stack_file)
@@ -268,10 +304,12 @@ def for_clouds(
         raise CredentialError("\n".join(missing), "missing")
     env: dict[str, str] = {}
     used = []
-    for cloud, (credential, label) in chosen.items():
+    for cloud, (credential, label, stored) in chosen.items():
         try:
             identity = verify(credential, environ)
         except CredentialError as err:
+            if stored is not None:
+                store.update(stored, {**stored.meta, "last_verified": _now(), "last_result": err.reason})
             fix = (
                 f"`fedfleet auth add {cloud} --file FILE --name NEW` with a new key, then set "
                 f"fedfleet:credentials.{cloud}: NEW in {stack_file}"
@@ -282,6 +320,10 @@ def for_clouds(
             raise CredentialError(
                 f"{cloud} ({label}) no longer verifies: {err}. Fix: {fix}", err.reason
             ) from None
+        if stored is not None:
+            store.update(
+                stored, {**stored.meta, "identity": identity, "last_verified": _now(), "last_result": "ok"}
+            )
         env.update(credential.pulumi_env())
         used.append(f"{cloud}: {label}, verified: {who(cloud, identity)}")
     return env, used
@@ -289,7 +331,7 @@ def for_clouds(
 
 def _choose(
     store: Store, cloud: str, name: str | None, environ: Mapping[str, str], stack_file: Path
-) -> tuple[Credential, str]:
+) -> tuple[Credential, str, Stored | None]:
     if name:
         stored = store.load(name)
         if stored.credential.cloud != cloud:
@@ -297,21 +339,31 @@ def _choose(
                 f"{stack_file}: fedfleet:credentials.{cloud}: {name!r} is a {stored.credential.cloud} credential; "
                 f"name a {cloud} one (`fedfleet auth list`)"
             )
-        return stored.credential, f"stored credential {name!r}"
-    found = from_environment(cloud, environ, lambda p: Path(p).expanduser().read_text())
+        return stored.credential, f"stored credential {name!r}", stored
+    mine = [s for s in (store.load(n) for n in store.names()) if s.credential.cloud == cloud]
+    try:
+        found = from_environment(cloud, environ, lambda p: Path(p).expanduser().read_text())
+    except ConfigError as err:
+        if len(mine) != 1:
+            raise
+        # partial or foreign settings in the environment (ARM_SUBSCRIPTION_ID alone after `az login`, a
+        # gcloud user login): the one stored credential is the one meant
+        found, skipped = None, f"; the environment's {cloud} settings were not used: {err}"
+    else:
+        skipped = ""
     if found is not None:
-        return found, f"credentials from {found.source}"
-    mine = [n for n in store.names() if store.load(n).credential.cloud == cloud]
+        return found, f"credentials from {found.source}", None
     if len(mine) == 1:
-        return store.load(mine[0]).credential, f"stored credential {mine[0]!r}"
+        return mine[0].credential, f"stored credential {mine[0].name!r}{skipped}", mine[0]
     if not mine:
         raise CredentialError(
             f"{cloud}: the stack uses {cloud}, and no credential for it is stored or in the environment; add one: "
             f"`fedfleet auth add {cloud} --file FILE` ({WHERE[cloud]}), or set {ENV_HINT[cloud]}",
             "missing",
         )
+    mine_names = [s.name for s in mine]
     raise ConfigError(
-        f"{stack_file}: {len(mine)} {cloud} credentials are stored ({', '.join(mine)}); say which this stack uses: "
+        f"{stack_file}: {len(mine)} {cloud} credentials are stored ({', '.join(mine_names)}); say which this stack uses: "
         f"fedfleet:credentials: {{{cloud}: NAME}}"
     )
 
