@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,24 +19,38 @@ from ruamel.yaml import YAML
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(count: int) -> list[int]:
-    """Distinct ports nothing listens on right now (the OS picks them). Under pytest-xdist
-    each worker takes only ports of its own residue, so two workers never pick one port."""
+    """Distinct ports nothing uses right now, below the kernel's ephemeral range: the ports
+    the OS hands out to `bind(0)` servers and to outgoing connections (which other tests make
+    by the thousand) never take one of them between now and the run. Under pytest-xdist each
+    worker takes only ports of its own residue, so two workers never pick one port."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     mine = int(worker.removeprefix("gw")) if worker.startswith("gw") else 0
-    sockets: list[socket.socket] = []
+    low, high = 20000, _ephemeral_start()
+    if high - low < 1000:  # an unusual range: fall back to the OS's choice
+        low, high = high, 65535
+    candidates = [p for p in range(low, high) if p % workers == mine % workers]
+    random.SystemRandom().shuffle(candidates)
     ports: list[int] = []
-    try:
-        while len(ports) < count:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-            if s.getsockname()[1] % workers == mine % workers:
-                ports.append(s.getsockname()[1])
-    finally:
-        for s in sockets:
-            s.close()
+    for port in candidates:
+        if len(ports) == count:
+            break
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    if len(ports) < count:
+        raise RuntimeError(f"fewer than {count} free ports in {low}..{high - 1}")
     return ports
 
 

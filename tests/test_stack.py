@@ -187,3 +187,20 @@ def test_bastion_is_on_by_default_for_cloud_sites(make_project):
     config["fedfleet:participants"][1]["bastion"] = "no"
     with pytest.raises(ConfigError, match=r"participants\[1\]\.bastion: must be true or false \(got 'no'\)"):
         load_stack(make_project(config, stack="dev"), "dev")
+
+
+def test_robust_aggregation_and_privacy_settings_are_checked_in_the_stack_file(make_project):
+    config = _config()
+    config["fedfleet:app"] = {
+        **config.get("fedfleet:app", {}),
+        "dp": "server-fixed",
+        "dp-noise-multiplier": 500,
+    }
+    _expect(make_project, config, r"fedfleet:app\.dp-noise-multiplier: must be in 0\.\.100")
+    config["fedfleet:app"] = {**config["fedfleet:app"], "dp-noise-multiplier": 0.8, "strategy": "bulyan"}
+    stack = load_stack(make_project(config), "local")
+    assert (stack.app.dp, stack.app.dp_noise_multiplier, stack.app.strategy) == (
+        "server-fixed",
+        0.8,
+        "bulyan",
+    )

@@ -227,4 +227,16 @@ def _print_result(console: Console, summary: dict[str, Any]) -> None:
             f"{escape(event['why'].splitlines()[0])} → "
             + (f"{event['replacement']} online {took:.1f} s later" if event["replacement"] else "no VM left")
         )
+    for r in summary["rounds"]:
+        for update in r.get("rejected", []):
+            who = update.get("participant") or f"node {update.get('node')}"
+            console.print(
+                f"[yellow]rejected[/] round {r['round']}: {escape(str(who))}'s update: {escape(update['reason'])}"
+            )
+        if r.get("privacy") and r["round"] == summary["rounds"][-1]["round"]:
+            p = r["privacy"]
+            console.print(
+                f"differential privacy ({p['mode']}): noise multiplier {p['noise_multiplier']:g}, clipping norm "
+                f"{p['clipping_norm']:.4g}, noise std {p['noise_stddev']:.4g} in the last round (every round in summary.json)"
+            )
     console.print(f"summary: {run_dir / 'summary.json'}")

@@ -27,6 +27,8 @@ class RoundRecord:
     evaluation: dict[str, float] = field(default_factory=dict)
     evaluation_sites: list[dict[str, Any]] = field(default_factory=list)
     server: dict[str, float] = field(default_factory=dict)  # a foreign app's ServerApp-side evaluation
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # updates screened out
+    privacy: dict[str, Any] = field(default_factory=dict)  # the round's DP clipping and noise
     model: str | None = None
     trained: bool = False  # ended after its training (a foreign app's rounds may report no metrics)
 
@@ -63,6 +65,10 @@ class RoundRecord:
         }
         if self.server:
             out["server_metrics"] = self.server
+        if self.rejected:
+            out["rejected"] = self.rejected
+        if self.privacy:
+            out["privacy"] = self.privacy
         return out
 
 
@@ -101,6 +107,12 @@ class RunState:
             record = self._round(int(event["round"]))
             record.evaluation = {k: float(v) for k, v in event.get("metrics", {}).items()}
             record.evaluation_sites = list(event.get("sites", []))
+        elif kind == "rejected":
+            self._round(int(event["round"])).rejected = list(event.get("updates", []))
+        elif kind == "privacy":
+            self._round(int(event["round"])).privacy = {
+                k: v for k, v in event.items() if k not in ("event", "time", "round")
+            }
         elif kind == "server-evaluated":
             self._round(int(event["round"])).server = {
                 k: float(v) for k, v in event.get("metrics", {}).items()

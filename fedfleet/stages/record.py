@@ -175,6 +175,7 @@ class Recorder:
         self.recorded_steps: set[int] = set()  # rounds whose model's scores are recorded
         self.train_steps: set[int] = set()
         self.server_steps: set[int] = set()
+        self.guard_steps: set[tuple[str, int]] = set()  # rejected updates, privacy, per round
         self.seconds = 0.0  # spent recording, all told
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -311,6 +312,20 @@ class Recorder:
             if step not in self.train_steps:
                 self.registry.log(run, metrics=names.train_metrics(event), step=step)
                 self.train_steps.add(step)
+        elif kind in ("rejected", "privacy"):  # updates screened out; the round's DP noise and clipping
+            step = int(event["round"])
+            if (kind, step) in self.guard_steps:
+                return
+            self.guard_steps.add((kind, step))
+            metrics = (
+                {"rejected_updates": float(len(event.get("updates", [])))}
+                if kind == "rejected"
+                else {
+                    f"privacy/{k}": float(event[k])
+                    for k in ("noise_multiplier", "clipping_norm", "noise_stddev")
+                }
+            )
+            self.registry.log(run, metrics=metrics, step=step)
         elif kind == "server-evaluated":
             step = int(event["round"])
             if step in self.server_steps:

@@ -24,7 +24,20 @@ from flwr.common.logger import log
 from . import worker
 from .settings import EVAL_RECORD, SITE_RECORD, WEIGHTS, AppSettings, model_file
 
-app = ClientApp()
+
+def _client_side_clipping(msg: Message, context: Context, call_next: Any) -> Message:
+    """With `dp: client-fixed|client-adaptive`, each update is clipped here, before it leaves
+    the site, by Flower's own mods (the server's DP wrapper sends the norm); otherwise a no-op."""
+    mode = str(context.run_config.get("dp", ""))
+    if msg.metadata.message_type != "train" or not mode.startswith("client-"):
+        return call_next(msg, context)  # type: ignore[no-any-return]
+    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+    mod = fixedclipping_mod if mode == "client-fixed" else adaptiveclipping_mod
+    return mod(msg, context, call_next)
+
+
+app = ClientApp(mods=[_client_side_clipping])
 
 
 def _process_started() -> float:

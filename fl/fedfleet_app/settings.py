@@ -28,7 +28,13 @@ STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
     "fedmedian": (),
     "fedtrimmedavg": ("beta",),
     "krum": ("num_malicious_nodes",),
+    "multikrum": ("num_malicious_nodes", "num_nodes_to_select"),
+    "bulyan": ("num_malicious_nodes",),
 }
+# Flower's differential-privacy wrappers around the strategy: noise added to the aggregate
+# on the server; updates clipped on the server (after they arrive) or on each site (before
+# they leave it), to a fixed norm or to one adapted each round to a quantile of the norms.
+DP_MODES = ("", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
 
 # "with-train": each train message first evaluates the model it received (the
 #   previous round's global model) on the site's held-out split, so a round costs
@@ -98,6 +104,21 @@ class AppSettings:
     # A resumed run: the checkpoint (checkpoints/round-K.npz, on the aggregator) it continues
     # from, with rounds K+1 .. num-server-rounds; "" starts from round 1.
     resume_from: str = ""
+    # Updates that cannot poison the model: a reply whose arrays are not the global model's
+    # (names, shapes, dtypes) or hold NaN/Inf is always rejected; so is one whose update norm
+    # ||w_site - w_global|| exceeds max-update-norm (0: no absolute bound) or
+    # max-update-norm-ratio times the median norm of the round's other updates (0: none).
+    max_update_norm: float = 0.0
+    max_update_norm_ratio: float = 10.0
+    # Differential privacy (DP_MODES; "" for none): Gaussian noise with standard deviation
+    # dp-noise-multiplier x clipping norm / participants on the aggregate; updates clipped
+    # to dp-clipping-norm (adaptive modes: its initial value, moved each round by
+    # dp-clip-norm-lr toward the dp-target-quantile of the updates' norms).
+    dp: str = ""
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 10.0
+    dp_target_quantile: float = 0.5
+    dp_clip_norm_lr: float = 0.2
 
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "at least 1")
@@ -143,6 +164,28 @@ class AppSettings:
         _check(self.min_participants >= 1, "min-participants", self.min_participants, "at least 1")
         _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "positive seconds")
         _check(self.node_wait_timeout > 0, "node-wait-timeout", self.node_wait_timeout, "positive seconds")
+        _check(
+            math.isfinite(self.max_update_norm) and self.max_update_norm >= 0,
+            "max-update-norm",
+            self.max_update_norm,
+            "0 (no absolute bound) or a positive number",
+        )
+        _check(
+            self.max_update_norm_ratio == 0 or 1 < self.max_update_norm_ratio <= 1e6,
+            "max-update-norm-ratio",
+            self.max_update_norm_ratio,
+            "0 (off) or a number above 1 (times the median norm of the other updates)",
+        )
+        _check(self.dp in DP_MODES, "dp", self.dp, f"one of {', '.join(repr(m) for m in DP_MODES)}")
+        _check(
+            0 <= self.dp_noise_multiplier <= 100,
+            "dp-noise-multiplier",
+            self.dp_noise_multiplier,
+            "in 0..100 (the noise's standard deviation in units of the clipping norm)",
+        )
+        _check(0 < self.dp_clipping_norm <= 1e6, "dp-clipping-norm", self.dp_clipping_norm, "in (0, 1e6]")
+        _check(0 < self.dp_target_quantile < 1, "dp-target-quantile", self.dp_target_quantile, "in (0, 1)")
+        _check(0 < self.dp_clip_norm_lr <= 10, "dp-clip-norm-lr", self.dp_clip_norm_lr, "in (0, 10]")
         _check(
             not self.model or MODEL_REF.fullmatch(self.model) is not None,
             "model",

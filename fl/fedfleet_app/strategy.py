@@ -1,10 +1,12 @@
 """Strategy construction and a recording wrapper around any shipped Flower strategy.
 
 `RecordedStrategy` delegates every decision (sampling, aggregation) to the inner
-strategy and adds three things: per-round events for fedfleet's progress display
-and summary, evaluation folded into the train phase ("with-train" mode), and a
-minimum number of valid replies per round so a run fails loudly instead of
-silently keeping an unchanged model.
+strategy (optionally inside one of Flower's differential-privacy wrappers) and adds:
+per-round events for fedfleet's progress display and summary, evaluation folded into
+the train phase ("with-train" mode), screening of every train reply before it reaches
+the aggregation (`screen`: arrays that are not the global model's, NaN/Inf, an update
+norm above the bounds), and a minimum number of accepted replies per round so a run
+fails loudly instead of silently keeping an unchanged model.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ STRATEGY_CLASSES: dict[str, type[flwr_strategy.FedAvg]] = {
     "fedmedian": flwr_strategy.FedMedian,
     "fedtrimmedavg": flwr_strategy.FedTrimmedAvg,
     "krum": flwr_strategy.Krum,
+    "multikrum": flwr_strategy.MultiKrum,
+    "bulyan": flwr_strategy.Bulyan,
+}
+DP_WRAPPERS: dict[str, Any] = {
+    "server-fixed": flwr_strategy.DifferentialPrivacyServerSideFixedClipping,
+    "server-adaptive": flwr_strategy.DifferentialPrivacyServerSideAdaptiveClipping,
+    "client-fixed": flwr_strategy.DifferentialPrivacyClientSideFixedClipping,
+    "client-adaptive": flwr_strategy.DifferentialPrivacyClientSideAdaptiveClipping,
 }
 assert set(STRATEGY_CLASSES) == set(STRATEGY_OPTIONS)
 
@@ -47,48 +57,73 @@ class RoundFailed(RuntimeError):
 # The server-side state of Flower's strategies, by attribute: FedAdam, FedYogi and FedAdagrad
 # keep their moments (m_t, v_t), FedAvgM its momentum; every strategy here gets the current
 # global arrays with each round. A resumed run restores these exactly.
-STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "current_arrays")
+# A differential-privacy wrapper's adaptive clipping norm is state too; the strategy it wraps
+# (`.strategy`) keeps its own, saved under `strategy.` names.
+STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "current_arrays", "clipping_norm")
+
+
+def _layers(strategy: Strategy) -> list[tuple[str, Any]]:
+    """The strategy and those it wraps, with the prefix of each one's state names."""
+    out: list[tuple[str, Any]] = []
+    prefix, current = "", strategy  # type: str, Any
+    while current is not None:
+        out.append((prefix, current))
+        prefix, current = prefix + "strategy.", getattr(current, "strategy", None)
+    return out
 
 
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
-    """The strategy's server state as flat named arrays (`attr/key`, `attr/#i`, `attr/@key`)."""
+    """The strategy's server state as flat named arrays (`attr/key`, `attr/#i`, `attr/@key`,
+    `attr/=` for a number)."""
     out: dict[str, np.ndarray] = {}
-    for attr in STATE_ATTRIBUTES:
-        value = getattr(strategy, attr, None)
-        if value is None:
-            continue
-        if isinstance(value, ArrayRecord):
-            out |= {f"{attr}/@{k}": a.numpy() for k, a in value.items()}
-        elif isinstance(value, dict):
-            out |= {f"{attr}/{k}": np.asarray(v) for k, v in value.items()}
-        elif isinstance(value, list):
-            out |= {f"{attr}/#{i}": np.asarray(v) for i, v in enumerate(value)}
+    for prefix, layer in _layers(strategy):
+        for attr in STATE_ATTRIBUTES:
+            value = getattr(layer, attr, None)
+            name = prefix + attr
+            if value is None:
+                continue
+            if isinstance(value, ArrayRecord):
+                out |= {f"{name}/@{k}": a.numpy() for k, a in value.items()}
+            elif isinstance(value, dict):
+                out |= {f"{name}/{k}": np.asarray(v) for k, v in value.items()}
+            elif isinstance(value, list):
+                out |= {f"{name}/#{i}": np.asarray(v) for i, v in enumerate(value)}
+            elif isinstance(value, int | float):
+                out[f"{name}/="] = np.asarray(float(value))
     return out
 
 
 def restore_state(strategy: Strategy, state: dict[str, np.ndarray]) -> list[str]:
     """Put back what `strategy_state` took; the attributes restored."""
     restored = []
-    for attr in STATE_ATTRIBUTES:
-        items = {k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == attr}
-        if not items or not hasattr(strategy, attr):
-            continue
-        first = next(iter(items))
-        if first.startswith("@"):
-            value: Any = ArrayRecord({k[1:]: Array(v) for k, v in items.items()})
-        elif first.startswith("#"):
-            value = [items[f"#{i}"] for i in range(len(items))]
-        else:
-            value = dict(items)
-        setattr(strategy, attr, value)
-        restored.append(attr)
+    for prefix, layer in _layers(strategy):
+        for attr in STATE_ATTRIBUTES:
+            name = prefix + attr
+            items = {k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == name}
+            if not items or not hasattr(layer, attr):
+                continue
+            first = next(iter(items))
+            if first == "=":
+                value: Any = float(items["="])
+            elif first.startswith("@"):
+                value = ArrayRecord({k[1:]: Array(v) for k, v in items.items()})
+            elif first.startswith("#"):
+                value = [items[f"#{i}"] for i in range(len(items))]
+            else:
+                value = dict(items)
+            setattr(layer, attr, value)
+            restored.append(name)
     return restored
 
 
 def build_strategy(settings: AppSettings) -> Strategy:
-    """The configured Flower strategy, every participant sampled in every round."""
+    """The configured Flower strategy, every participant sampled in every round, inside the
+    configured differential-privacy wrapper if any."""
     options: dict[str, Any] = dict(settings.strategy_options)  # checked per strategy in settings.py
-    return STRATEGY_CLASSES[settings.strategy](
+    for key in ("num_malicious_nodes", "num_nodes_to_select"):
+        if key in options:
+            options[key] = int(options[key])
+    strategy = STRATEGY_CLASSES[settings.strategy](
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_participants,
@@ -96,6 +131,90 @@ def build_strategy(settings: AppSettings) -> Strategy:
         min_available_nodes=settings.min_participants,
         **options,
     )
+    if not settings.dp:
+        return strategy
+    # num_sampled_clients: set each round to the participants asked (RecordedStrategy)
+    if settings.dp.endswith("fixed"):
+        return DP_WRAPPERS[settings.dp](
+            strategy, settings.dp_noise_multiplier, settings.dp_clipping_norm, settings.min_participants
+        )  # type: ignore[no-any-return]
+    return DP_WRAPPERS[settings.dp](  # type: ignore[no-any-return]
+        strategy,
+        settings.dp_noise_multiplier,
+        settings.min_participants,
+        initial_clipping_norm=settings.dp_clipping_norm,
+        target_clipped_quantile=settings.dp_target_quantile,
+        clip_norm_lr=settings.dp_clip_norm_lr,
+        # the noise on the count of clipped updates: Flower's default (participants / 20) is too
+        # small for a few silos; at least the noise multiplier keeps the effective one within 16 %
+        clipped_count_stddev=max(settings.min_participants / 20, settings.dp_noise_multiplier),
+    )
+
+
+def _norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    return float(
+        np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - reference[k]) ** 2)) for k in reference))
+    )
+
+
+def screen(
+    replies: list[Message], reference: dict[str, np.ndarray], max_norm: float, max_ratio: float
+) -> tuple[list[Message], list[dict[str, Any]]]:
+    """The train replies fit to aggregate, and why each other one was rejected: its arrays
+    are not the global model's (names, shapes, dtypes), hold NaN or Inf, its weight
+    (num-examples) is not a positive number, or its update norm is above `max_norm` or
+    `max_ratio` times the median norm of the other replies' updates (0 turns a bound off)."""
+    kept: list[tuple[Message, float]] = []
+    rejected: list[dict[str, Any]] = []
+
+    def reject(message: Message, reason: str, norm: float | None = None) -> None:
+        rejected.append({**_site(message), "reason": reason, **({"norm": norm} if norm is not None else {})})
+
+    for message in replies:
+        records = list(message.content.array_records.values())
+        if len(records) != 1:
+            reject(message, f"{len(records)} array records instead of one")
+            continue
+        arrays = {k: a.numpy() for k, a in records[0].items()}
+        if set(arrays) != set(reference):
+            reject(message, f"arrays {sorted(arrays)} instead of {sorted(reference)}")
+            continue
+        wrong = [
+            f"{k}: {a.dtype}{list(a.shape)} instead of {reference[k].dtype}{list(reference[k].shape)}"
+            for k, a in arrays.items()
+            if a.shape != reference[k].shape or a.dtype != reference[k].dtype
+        ]
+        if wrong:
+            reject(message, "; ".join(wrong))
+            continue
+        bad = [k for k, a in arrays.items() if not np.all(np.isfinite(a))]
+        if bad:
+            reject(message, f"NaN or Inf in {', '.join(bad)}")
+            continue
+        weight = _metrics(message).get("num-examples")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
+            reject(message, f"num-examples {weight!r} is not a positive number")
+            continue
+        norm = _norm(arrays, reference)
+        if max_norm and norm > max_norm:
+            reject(message, f"update norm {norm:.4g} above max-update-norm {max_norm:g}", norm)
+            continue
+        kept.append((message, norm))
+    if max_ratio and len(kept) >= 2:
+        norms = [n for _, n in kept]
+        accepted = []
+        for i, (message, norm) in enumerate(kept):
+            median = float(np.median(norms[:i] + norms[i + 1 :]))
+            if median > 0 and norm > max_ratio * median:
+                reject(
+                    message,
+                    f"update norm {norm:.4g} above {max_ratio:g} x the median of the others ({median:.4g})",
+                    norm,
+                )
+            else:
+                accepted.append((message, norm))
+        kept = accepted
+    return [m for m, _ in kept], rejected
 
 
 class RecordedStrategy(Strategy):
@@ -104,6 +223,7 @@ class RecordedStrategy(Strategy):
         self.settings = settings
         self.emit = emit
         self.with_train = settings.evaluation == "with-train"
+        self._sent: dict[int, dict[str, np.ndarray]] = {}  # each round's global arrays, for screening
 
     def summary(self) -> None:
         self.inner.summary()
@@ -153,7 +273,10 @@ class RecordedStrategy(Strategy):
     ) -> Iterable[Message]:
         # Round 1 always evaluates the initial model it receives: that is round 0's score.
         config["evaluate-received"] = self.with_train or server_round == 1
+        self._sent = {server_round: {k: a.numpy() for k, a in arrays.items()}}
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if hasattr(self.inner, "num_sampled_clients"):  # a DP wrapper: its noise scales with who is asked
+            self.inner.num_sampled_clients = max(1, len(messages))
         self.emit("round-start", round=server_round, nodes=[m.metadata.dst_node_id for m in messages])
         return messages
 
@@ -163,7 +286,11 @@ class RecordedStrategy(Strategy):
         valid = self._check_replies("train", server_round, list(replies))
         if any(EVAL_RECORD in m.content.config_records for m in valid):
             self._record_evaluation(server_round - 1, valid, from_train=True)
+        valid = self._screen(server_round, valid)
+        clipping = getattr(self.inner, "clipping_norm", None)
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        if clipping is not None:
+            self._record_privacy(server_round, float(clipping), len(valid))
         self.emit(
             "train-done",
             round=server_round,
@@ -187,6 +314,43 @@ class RecordedStrategy(Strategy):
         valid = self._check_replies("evaluate", server_round, replies)
         return self._record_evaluation(server_round, valid, from_train=False)
 
+    def _screen(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """The replies fit to aggregate; the rest recorded with participant and round."""
+        reference = self._sent.get(server_round)
+        if reference is None:  # never configured here (cannot happen in a run): nothing to compare
+            return replies
+        kept, rejected = screen(
+            replies, reference, self.settings.max_update_norm, self.settings.max_update_norm_ratio
+        )
+        if rejected:
+            self.emit("rejected", round=server_round, updates=rejected)
+            log(INFO, "round %s: %s update(s) rejected: %s", server_round, len(rejected), rejected)
+        why = [f"{r.get('participant') or r['node']}: {r['reason']}" for r in rejected]
+        self._require(f"round {server_round} train", len(kept), "updates accepted", why)
+        return kept
+
+    def _require(self, what: str, count: int, noun: str, why: list[str]) -> None:
+        """Fail the round when fewer than min-participants replies are left, saying why."""
+        if count < self.settings.min_participants:
+            raise RoundFailed(
+                f"{what}: {count} {noun}, fewer than min-participants={self.settings.min_participants}"
+                + "".join(f"; {w}" for w in why)
+            )
+
+    def _record_privacy(self, server_round: int, clipping: float, replies: int) -> None:
+        """The round's differential privacy: the clipping norm used, the noise added."""
+        noise = self.settings.dp_noise_multiplier
+        sampled = int(getattr(self.inner, "num_sampled_clients", replies) or replies)
+        self.emit(
+            "privacy",
+            round=server_round,
+            mode=self.settings.dp,
+            noise_multiplier=noise,
+            clipping_norm=clipping,
+            noise_stddev=noise * clipping / sampled,
+            next_clipping_norm=float(getattr(self.inner, "clipping_norm", clipping)),
+        )
+
     def _check_replies(self, phase: str, server_round: int, replies: list[Message]) -> list[Message]:
         valid = [m for m in replies if not m.has_error()]
         errors = [
@@ -196,12 +360,8 @@ class RecordedStrategy(Strategy):
         ]
         if errors:
             self.emit("errors", phase=phase, round=server_round, errors=errors)
-        if len(valid) < self.settings.min_participants:
-            raise RoundFailed(
-                f"round {server_round} {phase}: {len(valid)} valid replies, fewer than "
-                f"min-participants={self.settings.min_participants}"
-                + "".join(f"; node {e['node']}: {e['reason']}" for e in errors)
-            )
+        why = [f"node {e['node']}: {e['reason']}" for e in errors]
+        self._require(f"round {server_round} {phase}", len(valid), "valid replies", why)
         return valid
 
     def _record_evaluation(
