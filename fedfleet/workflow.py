@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from fedfleet_app.settings import AppSettings
 
-from fedfleet.adapters import ansible
+from fedfleet.adapters import ansible, pki
 from fedfleet.adapters import mlflow as registry_store
 from fedfleet.adapters.flwr import FlwrCli, stage_app, tool, write_run_config
 from fedfleet.adapters.processes import ProcessGroup, reap_leftovers
@@ -118,12 +118,48 @@ class Session:
         if "aggregator" in self.unreachable:
             raise FedfleetError(f"the aggregator cannot be used: {self.unreachable['aggregator']}")
 
-    def operator_cli(self) -> FlwrCli:
-        """The operator's `flwr`, reaching the SuperLink directly (local) or through a tunnel."""
+    def operator_cli(self, settings: AppSettings | None = None) -> FlwrCli:
+        """The operator's `flwr`, reaching the SuperLink directly (local) or through a tunnel;
+        the certificates valid for a run with `settings` (default: the stack's)."""
         agg = self.inventory.aggregator
         return configure.prepare_controller(
-            self.stack, self.inventory, self.paths, self.hosts["aggregator"].reach(agg.port)
-        )
+            self.stack, self.inventory, self.paths, self.hosts["aggregator"].reach(agg.port),
+            run_horizon(self.stack, settings),
+        )  # fmt: skip
+
+
+def certs_status(project_dir: Path, stack_name: str) -> dict[str, Any]:
+    """The stack's CAs and SuperLink certificate, with the horizon a run of it needs."""
+    stack = load_stack(project_dir, stack_name)
+    out = pki.status(stack_paths(stack, project_dir).pki)
+    horizon = run_horizon(stack)
+    out["run_horizon_days"] = round(horizon.total_seconds() / 86400, 3)
+    cas: list[dict[str, Any]] = out["cas"]
+    out["ca_outlasts_a_run"] = bool(cas) and cas[0]["days_left"] > out["run_horizon_days"]
+    return out
+
+
+def certs_rotate(project_dir: Path, stack_name: str, *, keep_previous: bool = True) -> dict[str, Any]:
+    """A new CA for the stack (the previous one kept in the trust bundle), the SuperLink's
+    certificate re-issued by it; hosts get both at their next configure."""
+    stack = load_stack(project_dir, stack_name)
+    paths = stack_paths(stack, project_dir)
+    with locked(paths):  # not while a run uses the certificates
+        return pki.rotate(paths.pki, stack.name, keep_previous=keep_previous)
+
+
+def run_horizon(stack: StackConfig, settings: AppSettings | None = None) -> dt.timedelta:
+    """The longest a run of this stack (with `settings`: its rounds after --rounds or a
+    resume) may take: the wait for the participants, then every phase of every round to its
+    timeout (train, and evaluate too with `evaluation: separate`; with-train ends on one
+    evaluate phase); a foreign app: its run timeout. The certificates must outlast it."""
+    if stack.flower_app is not None:
+        return dt.timedelta(seconds=stack.flower_app.run_timeout)
+    app = settings or stack.app
+    phases = app.num_server_rounds * (2 if app.evaluation == "separate" else 1) + (
+        app.evaluation != "separate"
+    )
+    return dt.timedelta(seconds=phases * app.round_timeout + app.node_wait_timeout)
 
 
 def _inventory(stack: StackConfig, project_dir: Path, *, with_network: bool) -> Inventory:
@@ -199,6 +235,9 @@ def run(
     if resume is not None:
         resumption = resume_stage.check(stack, project_dir, resume, settings, rounds)
         settings = replace(settings, num_server_rounds=resumption.rounds)
+    # The certificates must outlast the run: refused here, before anything is created or started.
+    horizon = run_horizon(stack, settings)
+    pki.check_horizon(stack_paths(stack, project_dir).pki, stack.name, horizon)
     planned = _placement(stack, observer)
     if stack.model is not None:  # before any host is touched
         observer.stage("model", f"{stack.model.setting}: built once for the stack's image size")
@@ -505,7 +544,7 @@ class Run:
         if self.plan.resumption is not None:  # what the earlier attempts left was stopped already
             self.launcher.fresh_superlink = True
             self.launcher.forget_registrations()
-        self.cli = self.s.operator_cli()
+        self.cli = self.s.operator_cli(self.plan.settings)
         order = self.plan.order
         self.observer.stage(
             "configure",

@@ -32,6 +32,7 @@ from fedfleet.core.stack import load_stack
 from fedfleet.hosts import for_stack
 from fedfleet.sandbox import local_config, scratch_project
 from fedfleet.stages import configure, fleet, preflight, probe, provision
+from fedfleet.workflow import run_horizon
 
 from .conftest import running_processes_mentioning
 
@@ -68,7 +69,7 @@ def evaluate(project: Path, runs: int, seed: int = 2026) -> dict[str, Any]:
     with ProcessGroup(paths.pidfile) as procs:
         hosts = for_stack(stack, inventory, paths, procs)
         configure.prepare_controller(
-            stack, inventory, paths, hosts["aggregator"].reach(stack.aggregator.port)
+            stack, inventory, paths, hosts["aggregator"].reach(stack.aggregator.port), run_horizon(stack)
         )
         launcher = configure.Configurer(
             stack, inventory, paths, hosts, flwr_bin=tool("flwr"), envvars=procs.claim("flower services"),

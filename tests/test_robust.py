@@ -99,9 +99,26 @@ def test_malformed_poisoned_and_outsized_updates_are_rejected_with_their_reason(
     assert len(rejected) == 3 and "above max-update-norm 1e-06" in rejected[0]["reason"]
     kept, rejected = screen([*honest, bad[4]], {WEIGHTS: ref}, max_norm=0, max_ratio=0)
     assert len(kept) == 4 and rejected == []
-    # With two sites, the outsized one is compared with the other alone.
+    # With two sites neither can tell which one is odd (a tiny update would make the honest one
+    # look huge): the ratio needs three; the absolute bound still applies.
     kept, rejected = screen([honest[0], bad[4]], {WEIGHTS: ref}, max_norm=0, max_ratio=10)
-    assert [m.metadata.src_node_id for m in kept] == [1] and rejected[0]["participant"] == "hospital-8"
+    assert len(kept) == 2 and rejected == []
+    # Replies Flower's aggregation would choke on are rejected too.
+    extra = reply(ref, 11)
+    extra.content["more"] = MetricRecord({"num-examples": 1.0})
+    renamed = reply(ref, 12)
+    renamed.content["weights-elsewhere"] = renamed.content.array_records["arrays"]
+    del renamed.content["arrays"]
+    odd_keys = reply(ref, 13)
+    odd_keys.content["metrics"] = MetricRecord({"num-examples": 100.0})
+    kept, rejected = screen([*honest, extra, renamed, odd_keys], {WEIGHTS: ref}, max_norm=0, max_ratio=10)
+    assert len(kept) == 3
+    reasons = {r["participant"]: r["reason"] for r in rejected}
+    assert reasons == {
+        "hospital-11": "2 metric records instead of one",
+        "hospital-12": "array records ['weights-elsewhere'] instead of ['arrays']",
+        "hospital-13": "metrics ['num-examples'] instead of ['num-examples', 'train-loss']",
+    }
 
 
 def test_a_round_completes_with_the_rest_and_records_who_was_rejected_and_when():
@@ -135,13 +152,31 @@ def test_a_round_completes_with_the_rest_and_records_who_was_rejected_and_when()
 def test_robust_strategies_keep_an_outlier_from_moving_the_model(name: str):
     options = {"num_malicious_nodes": 1} if "krum" in name or name == "bulyan" else {}  # Bulyan: n >= 4f + 3
     settings = AppSettings(
-        strategy=name, strategy_options=options, min_participants=1, max_update_norm_ratio=0
+        strategy=name, strategy_options=options, min_participants=7, max_update_norm_ratio=0
     )
     strategy = RecordedStrategy(build_strategy(settings), settings, lambda *a, **k: None)
     ref = np.zeros(6, dtype=np.float32)
     honest = [reply(ref + 1 + 0.01 * i, i + 1) for i in range(6)]
     out = _round(strategy, 1, ref, [*honest, reply(ref + 1000, 7)])
     assert np.all(np.abs(out - 1) < 0.1), f"{name}: {out}"
+
+
+def test_fedadam_keeps_the_models_dtype_and_a_strategy_that_aggregates_nothing_fails_the_round():
+    settings = AppSettings(strategy="fedadam", strategy_options={"eta": 0.05}, min_participants=3)
+    strategy = RecordedStrategy(build_strategy(settings), settings, lambda *a, **k: None)
+    weights = np.zeros(8, dtype=np.float32)
+    for number in (1, 2, 3):  # FedAdam computes in float64; the sites reply in float32
+        weights = _round(strategy, number, weights, [reply(weights + i, i) for i in (1, 2, 3)])
+        assert weights.dtype == np.float32
+    with pytest.raises(
+        SettingsError, match="min-participants must be at least 7 for bulyan with num_malicious_nodes=1"
+    ):
+        AppSettings(strategy="bulyan", strategy_options={"num_malicious_nodes": 1}, min_participants=3)
+    settings = AppSettings(strategy="bulyan", min_participants=3)
+    strategy = RecordedStrategy(build_strategy(settings), settings, lambda *a, **k: None)
+    strategy.inner.aggregate_train = lambda *a: (None, None)  # what Flower's Bulyan returns when short
+    with pytest.raises(RoundFailed, match="bulyan aggregated nothing from 3 accepted updates"):
+        _round(strategy, 1, weights, [reply(weights + i, i) for i in (1, 2, 3)])
 
 
 def test_differential_privacy_noise_and_clipping_are_applied_and_recorded_per_round():
@@ -183,6 +218,18 @@ def test_differential_privacy_noise_and_clipping_are_applied_and_recorded_per_ro
     last = [e for e in events if e["event"] == "privacy"][-1]
     assert last["mode"] == "server-adaptive" and last["clipping_norm"] == 1.0
     assert last["next_clipping_norm"] != 1.0  # adapted to the updates' norms
+    # With noise, what is recorded is what Flower added: its effective multiplier (raised to pay
+    # for the noised count of clipped updates) on the adapted norm.
+    settings = AppSettings(
+        dp="server-adaptive", dp_noise_multiplier=1.0, dp_clipping_norm=1.0, min_participants=4
+    )
+    strategy = RecordedStrategy(
+        build_strategy(settings), settings, lambda e, **f: events.append({"event": e, **f})
+    )
+    out = _round(strategy, 1, ref, replies)
+    last = [e for e in events if e["event"] == "privacy"][-1]
+    assert last["noise_multiplier"] > 1.0
+    assert np.std(out - np.mean(out)) == pytest.approx(last["noise_stddev"], rel=0.1)
     state = RunState(3)
     for e in events:
         state.apply(e)

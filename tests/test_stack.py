@@ -198,6 +198,8 @@ def test_robust_aggregation_and_privacy_settings_are_checked_in_the_stack_file(m
     }
     _expect(make_project, config, r"fedfleet:app\.dp-noise-multiplier: must be in 0\.\.100")
     config["fedfleet:app"] = {**config["fedfleet:app"], "dp-noise-multiplier": 0.8, "strategy": "bulyan"}
+    _expect(make_project, config, r"fedfleet:app\.min-participants: must be at least 3 for bulyan")
+    config["fedfleet:app"] = {**config["fedfleet:app"], "min-participants": 3}
     stack = load_stack(make_project(config), "local")
     assert (stack.app.dp, stack.app.dp_noise_multiplier, stack.app.strategy) == (
         "server-fixed",

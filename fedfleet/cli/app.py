@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from fedfleet import __version__
 from fedfleet.cli import auth as auth_cmd
+from fedfleet.cli import certs as certs_cmd
 from fedfleet.cli import configure as configure_cmd
 from fedfleet.cli import init as init_cmd
 from fedfleet.cli import models as models_cmd
@@ -84,6 +85,7 @@ app.command("trust", help=trust_cmd.HELP)(trust_cmd.command)
 app.command("init", help=init_cmd.HELP)(init_cmd.command)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(auth_cmd.app, name="auth")
+app.add_typer(certs_cmd.app, name="certs")
 app.command("ui", help=models_cmd.UI_HELP)(models_cmd.ui_command)
 
 

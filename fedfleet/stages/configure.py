@@ -13,6 +13,7 @@ limited to some hosts).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import re
 import sys
@@ -48,13 +49,16 @@ def connection_name(stack: StackConfig) -> str:
     return f"fedfleet-{stack.name}"
 
 
-def prepare_controller(stack: StackConfig, inventory: Inventory, paths: StackPaths, address: str) -> FlwrCli:
+def prepare_controller(
+    stack: StackConfig, inventory: Inventory, paths: StackPaths, address: str, horizon: dt.timedelta
+) -> FlwrCli:
     """The stack's CA and SuperLink certificate (for every address the SuperLink is reached at,
-    127.0.0.1 included: the SuperLink itself, and the operator's tunnel) and the operator's
-    `flwr` connection to `address` (host:port), which the playbook registers node keys through."""
+    127.0.0.1 included: the SuperLink itself, and the operator's tunnel), both valid for at
+    least `horizon`, and the operator's `flwr` connection to `address` (host:port), which the
+    playbook registers node keys through."""
     agg = inventory.aggregator
     names = [agg.address, *filter(None, [agg.private_ip, agg.ssh_address]), "127.0.0.1", "localhost"]
-    tls = ensure_server_tls(paths.pki, names, stack.name)
+    tls = ensure_server_tls(paths.pki, names, stack.name, horizon)
     cli = FlwrCli(paths.operator_home, connection_name(stack), address, tls.ca_cert)
     cli.write_config()
     return cli

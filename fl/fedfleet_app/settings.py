@@ -106,10 +106,11 @@ class AppSettings:
     resume_from: str = ""
     # Updates that cannot poison the model: a reply whose arrays are not the global model's
     # (names, shapes, dtypes) or hold NaN/Inf is always rejected; so is one whose update norm
-    # ||w_site - w_global|| exceeds max-update-norm (0: no absolute bound) or
-    # max-update-norm-ratio times the median norm of the round's other updates (0: none).
+    # ||w_site - w_global|| exceeds max-update-norm (0: no absolute bound) or, with three
+    # updates or more, max-update-norm-ratio times the median norm of the round's other updates
+    # (0: none; honest sites of very different sizes differ by tens of times in round 1).
     max_update_norm: float = 0.0
-    max_update_norm_ratio: float = 10.0
+    max_update_norm_ratio: float = 100.0
     # Differential privacy (DP_MODES; "" for none): Gaussian noise with standard deviation
     # dp-noise-multiplier x clipping norm / participants on the aggregate; updates clipped
     # to dp-clipping-norm (adaptive modes: its initial value, moved each round by
@@ -186,6 +187,14 @@ class AppSettings:
         _check(0 < self.dp_clipping_norm <= 1e6, "dp-clipping-norm", self.dp_clipping_norm, "in (0, 1e6]")
         _check(0 < self.dp_target_quantile < 1, "dp-target-quantile", self.dp_target_quantile, "in (0, 1)")
         _check(0 < self.dp_clip_norm_lr <= 10, "dp-clip-norm-lr", self.dp_clip_norm_lr, "in (0, 10]")
+        f = int(self.strategy_options.get("num_malicious_nodes", 0))
+        need = 4 * f + 3 if self.strategy == "bulyan" else 1  # Flower's Bulyan aggregates nothing with fewer
+        _check(
+            self.min_participants >= need,
+            "min-participants",
+            self.min_participants,
+            f"at least {need} for {self.strategy} with num_malicious_nodes={f} (it aggregates nothing with fewer)",
+        )
         _check(
             not self.model or MODEL_REF.fullmatch(self.model) is not None,
             "model",

@@ -158,24 +158,49 @@ def _norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> fl
 
 
 def screen(
-    replies: list[Message], reference: dict[str, np.ndarray], max_norm: float, max_ratio: float
+    replies: list[Message],
+    reference: dict[str, np.ndarray],
+    max_norm: float,
+    max_ratio: float,
+    *,
+    record: str = "arrays",
+    required_metrics: tuple[str, ...] = ("num-examples",),
 ) -> tuple[list[Message], list[dict[str, Any]]]:
-    """The train replies fit to aggregate, and why each other one was rejected: its arrays
-    are not the global model's (names, shapes, dtypes), hold NaN or Inf, its weight
-    (num-examples) is not a positive number, or its update norm is above `max_norm` or
-    `max_ratio` times the median norm of the other replies' updates (0 turns a bound off)."""
+    """The train replies fit to aggregate, and why each other one was rejected: it is not one
+    ArrayRecord named `record` and one MetricRecord holding `required_metrics` with the keys
+    most replies have, its arrays are not the global model's (names, shapes, dtypes) or hold
+    NaN or Inf, its weight (num-examples) is not a positive number, or its update norm is above
+    `max_norm` or, with three updates or more, `max_ratio` times the median norm of the other
+    updates (0 turns a bound off; with two, neither can tell which one is odd)."""
     kept: list[tuple[Message, float]] = []
     rejected: list[dict[str, Any]] = []
 
     def reject(message: Message, reason: str, norm: float | None = None) -> None:
         rejected.append({**_site(message), "reason": reason, **({"norm": norm} if norm is not None else {})})
 
+    key_sets = [
+        frozenset(next(iter(m.content.metric_records.values())).keys())
+        for m in replies
+        if len(m.content.metric_records) == 1
+    ]
+    usual = max(set(key_sets), key=key_sets.count) if key_sets else frozenset()
     for message in replies:
-        records = list(message.content.array_records.values())
-        if len(records) != 1:
-            reject(message, f"{len(records)} array records instead of one")
+        names = list(message.content.array_records.keys())
+        if names != [record]:
+            reject(message, f"array records {names} instead of ['{record}']")
             continue
-        arrays = {k: a.numpy() for k, a in records[0].items()}
+        metric_records = list(message.content.metric_records.values())
+        if len(metric_records) != 1:
+            reject(message, f"{len(metric_records)} metric records instead of one")
+            continue
+        missing = [k for k in required_metrics if k not in metric_records[0]]
+        if missing or frozenset(metric_records[0].keys()) != usual:
+            reject(
+                message,
+                f"metrics {sorted(metric_records[0].keys())} instead of {sorted(usual | set(required_metrics))}",
+            )
+            continue
+        arrays = {k: a.numpy() for k, a in message.content.array_records[record].items()}
         if set(arrays) != set(reference):
             reject(message, f"arrays {sorted(arrays)} instead of {sorted(reference)}")
             continue
@@ -200,7 +225,7 @@ def screen(
             reject(message, f"update norm {norm:.4g} above max-update-norm {max_norm:g}", norm)
             continue
         kept.append((message, norm))
-    if max_ratio and len(kept) >= 2:
+    if max_ratio and len(kept) >= 3:
         norms = [n for _, n in kept]
         accepted = []
         for i, (message, norm) in enumerate(kept):
@@ -288,9 +313,25 @@ class RecordedStrategy(Strategy):
             self._record_evaluation(server_round - 1, valid, from_train=True)
         valid = self._screen(server_round, valid)
         clipping = getattr(self.inner, "clipping_norm", None)
+        if hasattr(self.inner, "num_sampled_clients"):  # a DP wrapper: the noise is for those aggregated
+            self.inner.num_sampled_clients = len(valid)
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        if arrays is None:  # e.g. Bulyan or Krum with fewer replies than they need: no new model
+            raise RoundFailed(
+                f"round {server_round} train: {self.settings.strategy} aggregated nothing from "
+                f"{len(valid)} accepted updates (Bulyan needs at least 4 x num_malicious_nodes + 3, Krum "
+                "more than 2 x num_malicious_nodes + 2); lower num_malicious_nodes or add participants"
+            )
+        # The global model keeps the model's dtypes (FedAdam, FedYogi and FedAdagrad compute in float64).
+        reference = self._sent.get(server_round, {})
+        arrays = ArrayRecord(
+            {
+                k: Array(a.numpy().astype(reference[k].dtype, copy=False)) if k in reference else a
+                for k, a in arrays.items()
+            }
+        )
         if clipping is not None:
-            self._record_privacy(server_round, float(clipping), len(valid))
+            self._record_privacy(server_round, float(clipping))
         self.emit(
             "train-done",
             round=server_round,
@@ -319,9 +360,14 @@ class RecordedStrategy(Strategy):
         reference = self._sent.get(server_round)
         if reference is None:  # never configured here (cannot happen in a run): nothing to compare
             return replies
+        from flwr.supercore.differential_privacy import KEY_NORM_BIT
+
+        innermost = _layers(self.inner)[-1][1]
         kept, rejected = screen(
-            replies, reference, self.settings.max_update_norm, self.settings.max_update_norm_ratio
-        )
+            replies, reference, self.settings.max_update_norm, self.settings.max_update_norm_ratio,
+            record=str(getattr(innermost, "arrayrecord_key", "arrays")),
+            required_metrics=("num-examples", *([KEY_NORM_BIT] if self.settings.dp == "client-adaptive" else [])),
+        )  # fmt: skip
         if rejected:
             self.emit("rejected", round=server_round, updates=rejected)
             log(INFO, "round %s: %s update(s) rejected: %s", server_round, len(rejected), rejected)
@@ -337,18 +383,23 @@ class RecordedStrategy(Strategy):
                 + "".join(f"; {w}" for w in why)
             )
 
-    def _record_privacy(self, server_round: int, clipping: float, replies: int) -> None:
-        """The round's differential privacy: the clipping norm used, the noise added."""
-        noise = self.settings.dp_noise_multiplier
-        sampled = int(getattr(self.inner, "num_sampled_clients", replies) or replies)
+    def _record_privacy(self, server_round: int, clipping: float) -> None:
+        """The round's differential privacy: the clipping norm updates were clipped to, and the
+        noise added as Flower's wrapper adds it (its effective noise multiplier, which adaptive
+        modes raise to pay for the noised clipped count, and the clipping norm after the round's
+        update, which adaptive modes apply to the noise)."""
+        noise = float(getattr(self.inner, "noise_multiplier", self.settings.dp_noise_multiplier))
+        after = float(getattr(self.inner, "clipping_norm", clipping))
+        sampled = max(1, int(getattr(self.inner, "num_sampled_clients", 1)))
+        noise_norm = after if self.settings.dp.endswith("adaptive") else clipping
         self.emit(
             "privacy",
             round=server_round,
             mode=self.settings.dp,
             noise_multiplier=noise,
             clipping_norm=clipping,
-            noise_stddev=noise * clipping / sampled,
-            next_clipping_norm=float(getattr(self.inner, "clipping_norm", clipping)),
+            noise_stddev=noise * noise_norm / sampled,
+            next_clipping_norm=after,
         )
 
     def _check_replies(self, phase: str, server_round: int, replies: list[Message]) -> list[Message]:
