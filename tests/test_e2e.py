@@ -153,6 +153,28 @@ def test_init_then_configure_then_two_rounds_with_your_own_model(make_project, t
     assert summary["stop"]["seconds"] > 0
     assert running_processes_mentioning(str(project)) == []
     check_registry(project, summary, tmp_path)
+    check_no_key_leaves_its_file(project)
+
+
+def check_no_key_leaves_its_file(project: Path) -> None:
+    """Every private key a run made (CA, SuperLink, each SuperNode's, workers') is in its own
+    owner-only file, and no log, run artifact, Ansible artifact or other file holds any of it."""
+    files = [p for p in project.rglob("*") if p.is_file() and not p.is_symlink()]
+    texts = {p: p.read_bytes() for p in files if p.stat().st_size < 50_000_000}
+    keys = {p: t for p, t in texts.items() if b"PRIVATE KEY-----" in t}
+    assert any(p.name == "ca.key" for p in keys) and len(keys) >= 5, sorted(
+        map(str, keys)
+    )  # CA, SuperLink, 3 nodes
+    for path in keys:
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+    lines = {
+        line for t in keys.values() for line in t.splitlines() if len(line) >= 40 and b"-----" not in line
+    }
+    for path, text in texts.items():
+        if path in keys:
+            continue
+        leaked = [line[:12] for line in lines if line in text]
+        assert not leaked, f"{path} holds private key material"
 
 
 def check_registry(project: Path, summary: dict, tmp_path: Path) -> None:
