@@ -16,6 +16,14 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@# The proxy in front of the SuperLink (the participants reach its Fleet API only): nginx
+	@# from the OS packages; installed here when this is root on a Debian/Ubuntu machine.
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx \
+	      && { systemctl disable --now nginx 2>/dev/null || true; }; \
+	  else echo "fedfleet needs nginx, the proxy in front of the SuperLink: sudo apt-get install nginx"; exit 1; fi; \
+	fi
 	touch $(STAMP)
 
 setup: $(STAMP)

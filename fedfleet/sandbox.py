@@ -61,6 +61,10 @@ def local_config(vms_per_participant: int = 2, ports: list[int] | None = None) -
     participants = config["fedfleet:participants"]
     ports = ports or free_ports(1 + len(participants) * vms_per_participant)
     config["fedfleet:aggregator"]["port"] = ports[0]
+    # the SuperLink's own loopback port behind the proxy: free too, never a neighbour's guess
+    config["fedfleet:aggregator"]["internalPort"] = next(
+        p for p in free_ports(len(ports) + 1) if p not in ports
+    )
     rest = iter(ports[1:])
     for participant in participants:
         first = participant["vms"][0]

@@ -119,11 +119,11 @@ class Session:
             raise FedfleetError(f"the aggregator cannot be used: {self.unreachable['aggregator']}")
 
     def operator_cli(self, settings: AppSettings | None = None) -> FlwrCli:
-        """The operator's `flwr`, reaching the SuperLink directly (local) or through a tunnel;
+        """The operator's `flwr`, reaching the SuperLink's own loopback port (behind the proxy
+        the participants see) directly (local) or through a tunnel;
         the certificates valid for a run with `settings` (default: the stack's)."""
-        agg = self.inventory.aggregator
         return configure.prepare_controller(
-            self.stack, self.inventory, self.paths, self.hosts["aggregator"].reach(agg.port),
+            self.stack, self.inventory, self.paths, self.hosts["aggregator"].reach(self.stack.aggregator.internal_port),
             run_horizon(self.stack, settings),
         )  # fmt: skip
 

@@ -25,7 +25,7 @@ from fedfleet.adapters import netns as localnet
 from fedfleet.adapters.processes import tree
 from fedfleet.core.stack import load_stack
 from fedfleet.sandbox import free_ports, local_config
-from fedfleet.stages import provision
+from fedfleet.stages import configure, provision
 
 from .conftest import running_processes_mentioning, why_no_namespaces
 from .test_cli_errors import earlier_run, fedfleet
@@ -101,6 +101,7 @@ def test_init_then_configure_then_two_rounds_with_your_own_model(make_project, t
     configured = fedfleet(project, "configure", "--stack", "lab", "--json", timeout=300)
     assert configured.returncode == 0, configured.stderr
     assert json.loads(configured.stdout)["changed"] > 0
+    check_control_api_closed_to_participants(project, "lab", tmp_path)
     # Those SuperNodes connected during `configure`: the run's play leaves them as they
     # are and the run accepts them (it does not wait for a new connection).
     proc = start_run(project, "--stack", "lab", "--json")
@@ -154,6 +155,53 @@ def test_init_then_configure_then_two_rounds_with_your_own_model(make_project, t
     assert running_processes_mentioning(str(project)) == []
     check_registry(project, summary, tmp_path)
     check_no_key_leaves_its_file(project)
+
+
+def check_control_api_closed_to_participants(project: Path, stack_name: str, tmp_path: Path) -> None:
+    """With what every participant VM holds (the CA certificate, the SuperLink's address), the
+    proxy answers the Fleet API only: `flwr ls`, the Control API, the ServerApp runtime and the
+    API docs are refused; the operator, on the SuperLink's own loopback port, is served."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from fedfleet.adapters.flwr import FlwrCli
+    from fedfleet.core.paths import stack_paths
+    from fedfleet.core.stack import load_stack
+
+    stack = load_stack(project, stack_name)
+    paths = stack_paths(stack, project)
+    context = ssl.create_default_context(cafile=str(paths.pki / "ca.crt"))
+
+    def answer(port: int, path: str, method: str = "POST") -> int:
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{port}{path}", data=b"" if method == "POST" else None, method=method,
+            headers={"content-type": "application/protobuf"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+
+    public, internal = stack.aggregator.port, stack.aggregator.internal_port
+    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/list-nodes",
+                 "/v1/runtime/acquire-task", "/v1/runtime/pull-app-inputs", "/docs", "/openapi.json",
+                 "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs"):  # fmt: skip
+        assert answer(public, path) == 403, path
+    assert answer(public, "/health", "GET") == 200
+    assert answer(public, "/v1/fleet/get-run") == 401  # the SuperLink itself: no node signature
+    assert answer(internal, "/v1/control/list-runs") == 200
+    participant = FlwrCli(
+        tmp_path / "participant-flwr", "superlink", f"127.0.0.1:{public}", paths.pki / "ca.crt"
+    )
+    participant.write_config()
+    refused = participant.call("ls")
+    assert not refused.get("success") and "403" in str(refused), refused
+    operator = FlwrCli(
+        paths.operator_home, configure.connection_name(stack), f"127.0.0.1:{internal}", paths.pki / "ca.crt"
+    )
+    assert operator.call("ls").get("success"), "the operator's flwr is served on the SuperLink's own port"
 
 
 def check_no_key_leaves_its_file(project: Path) -> None:

@@ -69,7 +69,11 @@ def evaluate(project: Path, runs: int, seed: int = 2026) -> dict[str, Any]:
     with ProcessGroup(paths.pidfile) as procs:
         hosts = for_stack(stack, inventory, paths, procs)
         configure.prepare_controller(
-            stack, inventory, paths, hosts["aggregator"].reach(stack.aggregator.port), run_horizon(stack)
+            stack,
+            inventory,
+            paths,
+            hosts["aggregator"].reach(stack.aggregator.internal_port),
+            run_horizon(stack),
         )
         launcher = configure.Configurer(
             stack, inventory, paths, hosts, flwr_bin=tool("flwr"), envvars=procs.claim("flower services"),

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from fedfleet.core.errors import FedfleetError, RunFailed
-from fedfleet.hosts.base import NO_ANSWER, NO_FILE, SUPERLINK, SUPERNODE, ServiceStatus
+from fedfleet.hosts.base import NO_ANSWER, NO_FILE, PROXY, SUPERLINK, SUPERNODE, ServiceStatus
 from fedfleet.stages import fleet
 
 PIDS = itertools.count(100)
@@ -73,6 +73,8 @@ class FakeLauncher:
             service = SUPERLINK if name == "aggregator" else SUPERNODE
             host.programs[service] = "RUNNING"
             host.pids[service] = next(PIDS)
+            if service == SUPERLINK:  # and the proxy in front of it
+                host.programs[PROXY] = "RUNNING"
             if service == SUPERNODE:
                 log = host.files.get(host.log(SUPERNODE), b"")
                 host.files[host.log(SUPERNODE)] = log + f"INFO SuperNode ID: {next(self.ids)}\n".encode()
@@ -333,3 +335,10 @@ def test_a_resumed_attempt_joins_the_runs_files_and_a_commit_travels_as_its_pair
     assert (run_dir / "events.jsonl").read_text() == '{"event": "started"}\n'
     assert (run_dir / "events-attempt-2.jsonl").read_text() == '{"event": "resumed"}\n'
     assert (run_dir / "attempt-2" / "fleet.json").exists()
+
+
+def test_a_proxy_that_stops_fails_the_run_like_the_superlink(clock: list[float]):
+    f, hosts, _, _ = started(clock)
+    hosts["aggregator"].programs[PROXY] = "EXITED"
+    with pytest.raises(RunFailed, match=r"flower-proxy on aggregator .* is EXITED"):
+        f.check()

@@ -206,3 +206,15 @@ def test_robust_aggregation_and_privacy_settings_are_checked_in_the_stack_file(m
         0.8,
         "bulyan",
     )
+
+
+def test_the_superlinks_own_port_behind_the_proxy_is_checked(make_project):
+    config = _config()
+    port = config["fedfleet:aggregator"]["port"]
+    config["fedfleet:aggregator"]["internalPort"] = port
+    _expect(make_project, config, r"fedfleet:aggregator\.internalPort: is the aggregator's port")
+    vm_port = config["fedfleet:participants"][0]["vms"][0]["port"]
+    config["fedfleet:aggregator"]["internalPort"] = vm_port
+    _expect(make_project, config, r"port \d+ is already used by fedfleet:aggregator\.internalPort")
+    del config["fedfleet:aggregator"]["internalPort"]
+    assert load_stack(make_project(config), "local").aggregator.internal_port == port + 1

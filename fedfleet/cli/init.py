@@ -123,6 +123,7 @@ def command(
                 f"--rounds: {loaded.pyproject} [tool.flwr.app.config] has no num-server-rounds; "
                 "leave --rounds out and set the app's own key under app.config in the stack file"
             )
+    ports = free_ports(2 + vms * len(sites)) if kind == "local" else []
     spec = InitSpec(
         name=name,
         kind=kind,
@@ -142,7 +143,8 @@ def command(
         key_file=key_file,
         operator_key=public_key,
         operator_cidr=operator_cidr,
-        ports=tuple(free_ports(1 + vms * len(sites))) if kind == "local" else (),
+        ports=tuple(ports[:-1]),
+        internal_port=ports[-1] if ports else None,
     )
     path = workflow.init_stack(project, spec, force=force)
     if as_json:

@@ -54,6 +54,7 @@ class InitSpec:
     operator_key: str = ""  # cloud kind: the public key's text
     operator_cidr: str = ""
     ports: tuple[int, ...] = field(default=())  # local kind: the aggregator's, then each VM's
+    internal_port: int | None = None  # local kind: the SuperLink's own loopback port, behind the proxy
 
     def __post_init__(self) -> None:
         if not NAME.fullmatch(self.name):
@@ -198,7 +199,13 @@ def _aggregator(spec: InitSpec) -> list[str]:
         out.append("    port: 9443")
     else:
         out.append("    # the placement `fedfleet run` plans is emulated on this machine")
-        out.append(f"    port: {spec.ports[0] if spec.ports else 9443}")
+        out.append(
+            f"    port: {spec.ports[0] if spec.ports else 9443}                # the proxy's: the Fleet API only"
+        )
+        if spec.internal_port is not None:
+            out.append(
+                f"    internalPort: {spec.internal_port}        # the SuperLink's own, on loopback: the operator's"
+            )
     return out
 
 

@@ -181,6 +181,9 @@ class Aggregator:
     cidr: str = "10.10.0.0/24"  # cloud stacks: the aggregator's network
     host: HostSpec | None = None  # real hosts (None on the local stack)
     superlink_address: str | None = None  # where the SuperNodes reach it (default: its address)
+    # The SuperLink's own port, on the aggregator's loopback only, behind the proxy that serves
+    # `port` (the Fleet API alone) to the participants; the operator's `flwr` reaches it there.
+    internal_port: int = 9444
 
     @property
     def placed(self) -> bool:
@@ -511,7 +514,9 @@ def _name(r: _Reader, field_name: str = "name") -> str:
 
 
 def _aggregator(r: _Reader, ssh: SSHSettings | None) -> Aggregator:
-    r.only(("cloud", "region", "instanceType", "port", "cidr", "superlinkAddress", *HOST_KEYS))
+    r.only(
+        ("cloud", "region", "instanceType", "port", "internalPort", "cidr", "superlinkAddress", *HOST_KEYS)
+    )
     placed = [k for k in ("cloud", "region", "instanceType") if k in r.value]
     if placed and len(placed) != 3:
         missing = sorted({"cloud", "region", "instanceType"} - set(placed))
@@ -525,11 +530,19 @@ def _aggregator(r: _Reader, ssh: SSHSettings | None) -> Aggregator:
             "is for an aggregator given by address (a machine you have); a cloud aggregator's "
             "address comes from `fedfleet up`"
         )
+    port = r.num("port", 1024, 65535, 9443, whole=True)
+    internal = r.num("internalPort", 1024, 65535, port + 1 if port < 65535 else port - 1, whole=True)
+    if internal == port:
+        raise r.child("internalPort").fail(
+            f"is the aggregator's port ({port}); the SuperLink's own loopback port must differ from the "
+            "proxy's (default: port + 1)"
+        )
     return Aggregator(
         cloud=r.choice("cloud", CLOUDS) if placed else None,
         region=r.text("region") if placed else None,
         instance_type=r.text("instanceType") if placed else None,
-        port=r.num("port", 1024, 65535, 9443, whole=True),
+        port=port,
+        internal_port=internal,
         cidr=_cidr(r, "cidr") if "cidr" in r.value else "10.10.0.0/24",
         host=host,
         superlink_address=_address(r, "superlinkAddress") if "superlinkAddress" in r.value else None,
@@ -1128,7 +1141,10 @@ def _local(r: _Reader) -> LocalSettings:
 
 
 def _check_ports(path: Path, aggregator: Aggregator, participants: Sequence[Participant]) -> None:
-    used = {aggregator.port: f"{PROJECT}:aggregator.port"}
+    used = {
+        aggregator.port: f"{PROJECT}:aggregator.port",
+        aggregator.internal_port: f"{PROJECT}:aggregator.internalPort",
+    }
     for i, p in enumerate(participants):
         for j, vm in enumerate(p.vms):
             key = f"{PROJECT}:participants[{i}].vms[{j}].port"

@@ -15,6 +15,7 @@ RUNNING_STATES = frozenset({"RUNNING", "STARTING", "BACKOFF"})
 NO_FILE = -1  # the size `Host.read` gives for a file the host does not have
 NO_ANSWER = -2  # ...and when the host did not answer (a real host, over its connection)
 SUPERLINK = "flower-superlink"
+PROXY = "flower-proxy"  # nginx in front of the SuperLink: the Fleet API only
 SUPERNODE = "flower-supernode"
 WORKER = "fedfleet-worker"
 
@@ -55,8 +56,9 @@ class Host(Protocol):
         ...
 
     def reach(self, port: int) -> str:
-        """host:port at which this machine reaches the host's service on `port` (directly, or
-        through a tunnel over the host's SSH connection)."""
+        """host:port at which this machine reaches the service on the host's own loopback at
+        `port` (directly for a host emulated here, or through a tunnel over its SSH connection):
+        the SuperLink's port behind the proxy, which nothing else can reach."""
         ...
 
     def status(self, timeout: float = 1.0) -> ServiceStatus:

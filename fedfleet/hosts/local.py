@@ -56,7 +56,7 @@ class LocalHost:
         return None  # nothing to open: it is this machine
 
     def reach(self, port: int) -> str:
-        return f"{self.address}:{port}"
+        return f"127.0.0.1:{port}"  # the emulated aggregator is this machine (its root namespace)
 
     def status(self, timeout: float = 1.0) -> ServiceStatus:
         if self.link is not None and not link_answers(self.link):

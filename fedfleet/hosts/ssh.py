@@ -44,7 +44,7 @@ BOOT = (
     "import sys,base64;"
     "exec(compile(base64.b64decode(sys.stdin.buffer.raw.readline()),'fedfleet-agent','exec'))"
 )
-UNITS = ("flower-superlink", "flower-supernode", "fedfleet-worker")
+UNITS = ("flower-superlink", "flower-proxy", "flower-supernode", "fedfleet-worker")
 REVIVE_EVERY = 5.0  # seconds between attempts to reopen a lost connection
 PING_EVERY = 10.0  # the agent exits after agent.IDLE_SECONDS without a request
 AGENT_MARGIN = 0.2  # seconds of a status timeout left for the round trip (the agent gets the rest)

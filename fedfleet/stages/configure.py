@@ -187,6 +187,7 @@ def ansible_inventory(
         # firewall or the site's own admitting only the participants.
         "flower_superlink_host": agg.address if stack.is_local else "0.0.0.0",  # noqa: S104
         "flower_superlink_port": agg.port,
+        "flower_superlink_internal_port": stack.aggregator.internal_port,
     }
     return {
         "all": {

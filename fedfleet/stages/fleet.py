@@ -35,7 +35,16 @@ from typing import Any, Protocol
 
 from fedfleet.core.errors import FedfleetError, RunFailed
 from fedfleet.core.selection import NoUsableVM
-from fedfleet.hosts.base import NO_ANSWER, SUPERLINK, SUPERNODE, Host, ServiceStatus, log_path, tail_lines
+from fedfleet.hosts.base import (
+    NO_ANSWER,
+    PROXY,
+    SUPERLINK,
+    SUPERNODE,
+    Host,
+    ServiceStatus,
+    log_path,
+    tail_lines,
+)
 
 FLEET_FILE = "fleet.json"  # the ServerApp reads it (fedfleet_app.server_app.FLEET_FILE)
 NODE_ID = re.compile(rb"SuperNode ID: (\d+)")
@@ -399,9 +408,10 @@ class Fleet:
         judged = {n: st for n, st in statuses.items() if st.reachable or now >= self.grace_until}
         agg = judged.get("aggregator")
         if agg is not None and (self.aggregator_silence.heard(agg, now) or agg.reachable):
-            why = agg.down(SUPERLINK)
-            if why is not None:
-                raise RunFailed(self._explain(why, "aggregator", SUPERLINK) if agg.reachable else why)
+            for program in (SUPERLINK, PROXY):  # the participants reach the SuperLink through the proxy
+                why = agg.down(program)
+                if why is not None:
+                    raise RunFailed(self._explain(why, "aggregator", program) if agg.reachable else why)
         for participant, vm in serving.items():
             if vm not in judged:
                 continue
