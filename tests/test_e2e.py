@@ -6,6 +6,7 @@ no process whose command line mentions that directory is left when it ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -198,10 +199,48 @@ def check_control_api_closed_to_participants(project: Path, stack_name: str, tmp
     participant.write_config()
     refused = participant.call("ls")
     assert not refused.get("success") and "403" in str(refused), refused
+    check_bad_supernodes_are_refused(public, paths.pki / "ca.crt", tmp_path)
     operator = FlwrCli(
         paths.operator_home, configure.connection_name(stack), f"127.0.0.1:{internal}", paths.pki / "ca.crt"
     )
     assert operator.call("ls").get("success"), "the operator's flwr is served on the SuperLink's own port"
+
+
+def check_bad_supernodes_are_refused(port: int, ca: Path, tmp_path: Path) -> None:
+    """Through the proxy, a SuperNode with an unregistered key, one that trusts another CA and a
+    plain-text one are each refused at once, saying why; none leaves a process behind."""
+    from fedfleet.adapters.pki import ensure_server_tls
+
+    key = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True)
+    other_ca = ensure_server_tls(tmp_path / "other-pki", ["127.0.0.1"], "other").ca_cert
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FLWR_HOME": str(tmp_path / "stranger-home"),
+    }
+    cases = {
+        "[code: 2004] Failed to activate SuperNode": ["--root-certificates", str(ca)],
+        "CERTIFICATE_VERIFY_FAILED": ["--root-certificates", str(other_ca)],
+        "Exit Code: 303": ["--insecure"],
+    }
+    for said, flags in cases.items():
+        (runtime,) = free_ports(1)
+        log = tmp_path / f"stranger-{runtime}.log"
+        with log.open("w") as sink:  # a file, not a pipe: its SuperExec child would hold a pipe open
+            proc = subprocess.Popen(
+                [str(bin_dir / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--port", str(runtime),
+                 "--auth-supernode-private-key", str(key), *flags],
+                stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )  # fmt: skip
+            try:
+                proc.wait(timeout=60)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its SuperExec child too
+        out = log.read_text()
+        assert proc.returncode != 0 and said in out, (flags, out[-1500:])
 
 
 def check_no_key_leaves_its_file(project: Path) -> None:
