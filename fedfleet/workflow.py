@@ -836,6 +836,7 @@ def configure_stack(
         if site:
             s.require_aggregator()
             preflight.data(stack, project_dir, stack.app)  # the emulated sites' own data
+            preflight.superlink_port(stack, s.hosts["aggregator"], s.inventory.aggregator.address)
             chosen, _ = probe.choose(stack, s.inventory, s.paths, _probe(s), advance=False)
             serving = [vm.name for vm in chosen.values()]  # where a run would start the SuperNodes
             s.operator_cli()

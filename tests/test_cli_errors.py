@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfleet.sandbox import free_ports, local_config
+from fedfleet.sandbox import local_config
 
 from .conftest import running_processes_mentioning
 from .test_data import write_images
@@ -79,17 +79,20 @@ def test_unknown_strategy(make_project):
     assert_nothing_left(project, before)
 
 
-def test_port_in_use_names_the_key(make_project):
-    ports = free_ports(7)
-    project = make_project(local_config(ports=ports))
+@pytest.mark.parametrize("command", ["run", "configure"])
+@pytest.mark.parametrize("key", ["port", "internalPort"])  # the proxy's, the SuperLink's own
+def test_port_in_use_names_the_key(make_project, key: str, command: str):
+    config = local_config()
+    project = make_project(config)
     before = earlier_run(project)
+    taken = config["fedfleet:aggregator"][key]
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", ports[0]))
+        squatter.bind(("127.0.0.1", taken))
         squatter.listen()
-        result = fedfleet(project, "run")
+        result = fedfleet(project, command)
     assert result.returncode == 4
-    assert f"port 127.0.0.1:{ports[0]}" in result.stderr
-    assert "fedfleet:aggregator.port) is already in use" in result.stderr
+    assert f"port 127.0.0.1:{taken}" in result.stderr
+    assert f"fedfleet:aggregator.{key}) is already in use" in result.stderr
     assert_nothing_left(project, before)
 
 

@@ -143,6 +143,17 @@ def test_npz_missing_half_and_bad_arrays(tmp_path: Path):
         load_site(tmp_path, SPEC)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 2.0, -0.5])
+def test_float_pixels_that_are_not_finite_or_out_of_range_are_named(tmp_path: Path, bad: float):
+    x = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "test.npz", x=x, y=np.array([0, 1, 2]))
+    x[1, 2, 3] = bad
+    np.savez(tmp_path / "train.npz", x=x, y=np.array([0, 1, 2]))
+    expected = r"NaN or infinite pixel values" if not np.isfinite(bad) else r"float pixels range over"
+    with pytest.raises(DataError, match=rf"train\.npz: .*{expected}"):
+        load_site(tmp_path, SPEC)
+
+
 def test_npz_is_resized_to_the_configured_size(tmp_path: Path):
     x = np.random.default_rng(0).random((3, 28, 28)).astype(np.float32)
     for split in ("train", "test"):

@@ -24,11 +24,13 @@ import torch
 
 from fedfleet.adapters import netns as localnet
 from fedfleet.adapters.processes import tree
+from fedfleet.core.paths import stack_paths
 from fedfleet.core.stack import load_stack
 from fedfleet.sandbox import free_ports, local_config
 from fedfleet.stages import configure, provision
 
 from .conftest import running_processes_mentioning, why_no_namespaces
+from .controlapi import assert_participant_refused, participant_attempts
 from .test_cli_errors import earlier_run, fedfleet
 
 pytestmark = pytest.mark.e2e
@@ -60,16 +62,24 @@ def server_events(project: Path) -> list[dict]:
 
 
 MLP = """# A network of the user's own (not fedfleet's CNN): one hidden layer.
+import os
+import sys
+
 from torch import nn
 
 
 def build(num_classes: int, channels: int, image_size: int) -> nn.Module:
-    return nn.Sequential(
+    net = nn.Sequential(
         nn.Flatten(),
         nn.Linear(channels * image_size * image_size, 64),
         nn.ReLU(),
         nn.Linear(64, num_classes),
     )
+    if "/eu-vm-" in " ".join([*sys.argv, os.environ.get("FLWR_HOME", "")]):
+        # The test's poisoned participant: on hospital-eu's VMs (their worker's key file, their
+        # SuperNode's home) training turns every weight into NaN, as a tampered copy could.
+        net.register_forward_hook(lambda m, inputs, out: out * float("nan") if m.training else out)
+    return net
 """
 
 
@@ -89,6 +99,9 @@ def rebuild(models: Path, state_file: Path) -> torch.nn.Module:
 
 
 def test_init_then_configure_then_two_rounds_with_your_own_model(make_project, tmp_path: Path):
+    """The whole path a user takes, with a model of their own; one participant's copy of it is
+    poisoned (NaN weights after training): its updates are rejected, named, and the rounds
+    complete with the other two, the model improving."""
     project = make_project()
     (project / "models").mkdir()
     (project / "models" / "mlp.py").write_text(MLP)
@@ -102,11 +115,15 @@ def test_init_then_configure_then_two_rounds_with_your_own_model(make_project, t
     configured = fedfleet(project, "configure", "--stack", "lab", "--json", timeout=300)
     assert configured.returncode == 0, configured.stderr
     assert json.loads(configured.stdout)["changed"] > 0
-    check_control_api_closed_to_participants(project, "lab", tmp_path)
-    # Those SuperNodes connected during `configure`: the run's play leaves them as they
-    # are and the run accepts them (it does not wait for a new connection).
-    proc = start_run(project, "--stack", "lab", "--json")
-    out, err = proc.communicate(timeout=600)
+    try:
+        check_control_api_closed_to_participants(project, "lab", tmp_path)
+        # Those SuperNodes connected during `configure`: the run's play leaves them as they
+        # are and the run accepts them (it does not wait for a new connection).
+        proc = start_run(project, "--stack", "lab", "--json")
+        out, err = proc.communicate(timeout=600)
+    finally:  # what `configure` started, whatever happened since (the run stops it on its own)
+        stopped = fedfleet(project, "stop", "--stack", "lab", timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
     assert proc.returncode == 0, err
     summary = json.loads(out)
     run_dir = project / "runs" / summary["run_id"]
@@ -126,14 +143,20 @@ def test_init_then_configure_then_two_rounds_with_your_own_model(make_project, t
     # Chosen after a probe, with the rest of each participant's VMs as the failover order.
     assert all(p["failover_order"] == [p["vm"].replace("-1", "-2")] for p in summary["participants"])
     for r in (1, 2):
+        # hospital-eu's update (NaN) is rejected and named; the round aggregates the other two.
+        (poisoned,) = rounds[r]["rejected"]
+        assert poisoned["participant"] == "hospital-eu" and poisoned["vm"] == "eu-vm-1", poisoned
+        assert poisoned["reason"].startswith("NaN or Inf in "), poisoned
         sites = rounds[r]["sites"]["train"]
-        assert sorted(s["participant"] for s in sites) == sorted(served)
+        assert sorted(s["participant"] for s in sites) == ["hospital-asia", "hospital-us"]
         assert {s["compute"] for s in sites} == {"worker"}
+    assert "rejected" not in rounds[0]
     # Every round's global model is saved; the models directory alone rebuilds the network.
     models = run_dir / "models"
     for r in (0, 1, 2):
         net = rebuild(models, run_dir / rounds[r]["model"])
         assert isinstance(net, torch.nn.Sequential)
+        assert all(torch.isfinite(p).all() for p in net.parameters()), f"round {r}'s model"
     assert summary["best_round"]["round"] in (1, 2)
     # The run planned the aggregator first (emulated here) and recorded the choice.
     planned = summary["aggregator"]["planned"]
@@ -160,8 +183,9 @@ def test_init_then_configure_then_two_rounds_with_your_own_model(make_project, t
 
 def check_control_api_closed_to_participants(project: Path, stack_name: str, tmp_path: Path) -> None:
     """With what every participant VM holds (the CA certificate, the SuperLink's address), the
-    proxy answers the Fleet API only: `flwr ls`, the Control API, the ServerApp runtime and the
-    API docs are refused; the operator, on the SuperLink's own loopback port, is served."""
+    proxy answers the Fleet API only: `flwr ls`, `flwr run`, the Control API, the ServerApp
+    runtime and the API docs are refused; the operator, on the SuperLink's own loopback port, is
+    served (`flwr ls` here; its `flwr run` is the whole run that follows)."""
     import ssl
     import urllib.error
     import urllib.request
@@ -193,12 +217,11 @@ def check_control_api_closed_to_participants(project: Path, stack_name: str, tmp
     assert answer(public, "/health", "GET") == 200
     assert answer(public, "/v1/fleet/get-run") == 401  # the SuperLink itself: no node signature
     assert answer(internal, "/v1/control/list-runs") == 200
-    participant = FlwrCli(
-        tmp_path / "participant-flwr", "superlink", f"127.0.0.1:{public}", paths.pki / "ca.crt"
-    )
-    participant.write_config()
-    refused = participant.call("ls")
-    assert not refused.get("success") and "403" in str(refused), refused
+    # `flwr ls` and `flwr run` as a participant would type them: refused. (On this stack
+    # every emulated host shares one loopback, so the SuperLink's own port cannot be closed
+    # to them: the namespaces and SSH tests check that it is.)
+    seen = participant_attempts("127.0.0.1", public, paths.pki / "ca.crt", tmp_path)
+    assert_participant_refused(seen, internal_closed=False)
     check_bad_supernodes_are_refused(public, paths.pki / "ca.crt", tmp_path)
     operator = FlwrCli(
         paths.operator_home, configure.connection_name(stack), f"127.0.0.1:{internal}", paths.pki / "ca.crt"
@@ -293,6 +316,8 @@ def check_registry(project: Path, summary: dict, tmp_path: Path) -> None:
                 run.info.run_id, f"participant/{site['participant']}/accuracy"
             )
             assert {m.step: m.value for m in history}[r["round"]] == pytest.approx(site["accuracy"])
+    rejected = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "rejected_updates")}
+    assert rejected == {r["round"]: len(r["rejected"]) for r in summary["rounds"] if r.get("rejected")}
     best = summary["best_round"]["round"]
     out = fedfleet(
         project, "models", "download", f"{summary['run_id']}:best", "-o", str(tmp_path / "best"), "--json"
@@ -401,7 +426,7 @@ def test_lost_vms_are_replaced_and_the_run_completes(make_project):
     assert running_processes_mentioning(str(project)) == []
 
 
-def test_a_vm_whose_network_link_is_cut_is_replaced(make_project):
+def test_a_vm_whose_network_link_is_cut_is_replaced(make_project, tmp_path: Path):
     if why := why_no_namespaces():
         pytest.skip(f"network namespaces: {why}")
     config = local_config()  # two VMs per participant, each in its own network namespace
@@ -410,7 +435,8 @@ def test_a_vm_whose_network_link_is_cut_is_replaced(make_project):
         "subnet": f"10.231.{secrets.randbelow(200) + 20}.0/24",
     }
     project = make_project(config)
-    net = provision.network(load_stack(project, "local"), project)
+    stack = load_stack(project, "local")
+    net = provision.network(stack, project)
     assert net is not None
     proc = start_run(project, "--rounds", "2", "--json")
     try:
@@ -429,6 +455,12 @@ def test_a_vm_whose_network_link_is_cut_is_replaced(make_project):
         assert where.stdout.strip() == net.namespace("asia-vm-1")
         cut_at = time.time()
         localnet.set_link(net, "asia-vm-1", up=False)
+        # Meanwhile, from another participant VM's namespace, with its CA certificate: the
+        # SuperLink's address serves the Fleet API only; its own port is not reachable at all.
+        seen = participant_attempts(
+            net.gateway, stack.aggregator.port, stack_paths(stack, project).pki / "ca.crt", tmp_path,
+            inside=("ip", "netns", "exec", net.namespace("us-vm-2")), internal=stack.aggregator.internal_port,
+        )  # fmt: skip
         out, err = proc.communicate(timeout=600)
         # What the run left of its network (checked before this test's own clean-up).
         left = (
@@ -440,6 +472,7 @@ def test_a_vm_whose_network_link_is_cut_is_replaced(make_project):
             proc.wait(120)
         provision.down_network(load_stack(project, "local"), project)
     assert proc.returncode == 0, err
+    assert_participant_refused(seen, internal_closed=True)
     summary = json.loads(out)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
     (cut,) = summary["orchestration"]["failovers"]

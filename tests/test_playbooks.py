@@ -277,3 +277,75 @@ def test_the_superlink_creates_the_runs_directory_for_the_service_account():
         == "{{ flower_common_user if flower_common_create_user else omit }}"
     )
     assert create["become"] == "{{ flower_common_become }}"
+
+
+# --- The systemd units (real hosts with systemd; none runs here) ----------------------------
+
+SYSTEMD_UNITS = {
+    "flower_superlink": ("flower-superlink.service", "flower-proxy.service"),
+    "flower_supernode": ("flower-supernode.service", "fedfleet-worker.service"),
+}
+
+
+def test_every_systemd_unit_the_roles_write_passes_systemd_analyze_verify(tmp_path: Path):
+    """The units as the roles render them for a systemd host (the roles' own defaults and
+    variables, through Ansible's template module) are valid to systemd itself: no unknown
+    key, no unresolvable specifier, every ExecStart program there. (The systemd path runs
+    on real hosts only: this machine's CI has no systemd as PID 1.)"""
+    playbook = Path(sys.executable).with_name("ansible-playbook")
+    analyze = Path("/usr/bin/systemd-analyze")
+    nginx = Path("/usr/sbin/nginx")
+    if not playbook.exists() or not analyze.exists() or not nginx.exists():
+        pytest.skip("needs ansible-playbook, systemd-analyze and nginx (make setup installs them)")
+    units = tmp_path / "units"
+    units.mkdir()
+    files = [
+        PLAYBOOKS / "roles" / role / f
+        for role in ("flower_common", *SYSTEMD_UNITS)
+        for f in ("defaults/main.yml", "vars/main.yml")
+    ]
+    templates = [
+        {"src": str(PLAYBOOKS / "roles" / role / "templates" / f"{unit}.j2"), "dest": str(units / unit)}
+        for role, names in SYSTEMD_UNITS.items()
+        for unit in names
+    ]
+    tasks: list[dict[str, Any]] = [
+        {"name": f"Load {f.parent.parent.name} {f.parent.name}", "ansible.builtin.include_vars": str(f)}
+        for f in files
+    ]
+    tasks.append({"name": "Render", "ansible.builtin.template": "src={{ item.src }} dest={{ item.dest }}",
+                  "loop": templates})  # fmt: skip
+    (tmp_path / "play.yml").write_text(
+        yaml.safe_dump([{"name": "Units", "hosts": "host", "gather_facts": False, "tasks": tasks}])
+    )
+    (tmp_path / "inventory.ini").write_text(
+        f"host ansible_connection=local ansible_python_interpreter={sys.executable}\n"
+    )
+    home = tmp_path / "home"
+    variables = {
+        "flower_common_service_manager": "systemd",
+        "flower_common_home": str(home),
+        "flower_common_venv": str(Path(sys.executable).parent.parent),
+        "flower_superlink_proxy_binary": str(nginx),
+        "flower_superlink_tls_src": str(tmp_path / "pki"),
+        "flower_supernode_superlink": "203.0.113.10:9443",
+        "flower_supernode_name": "hospital-eu",
+        "flower_supernode_app_src": str(tmp_path / "app.tar"),
+    }
+    done = subprocess.run(
+        [str(playbook), "-i", "inventory.ini", "play.yml", "-e", json.dumps(variables)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+        env={"PATH": f"{playbook.parent}:/usr/bin:/bin", "HOME": str(Path.home()),
+             "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"), "ANSIBLE_NOCOLOR": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    rendered = sorted(units.iterdir())
+    assert [p.name for p in rendered] == sorted(u for names in SYSTEMD_UNITS.values() for u in names)
+    proxy = (units / "flower-proxy.service").read_text()
+    assert f"ExecStart={nginx} -p {home}/superlink/proxy/ -c {home}/superlink/proxy/nginx.conf" in proxy
+    checked = subprocess.run(
+        [str(analyze), "verify", "--man=no", *map(str, rendered)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    said = [line for line in (checked.stdout + checked.stderr).splitlines() if line.strip()]
+    assert checked.returncode == 0 and said == [], said

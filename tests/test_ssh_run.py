@@ -38,6 +38,7 @@ from fedfleet.core.stack import load_stack
 from fedfleet.sandbox import scratch_project
 from fedfleet.stages import configure
 
+from .controlapi import assert_participant_refused, participant_attempts
 from .sshlab import Lab, host_entry, why_skip
 
 # One lab, its tests in order (`make test` runs the e2e tests in one process).
@@ -167,6 +168,19 @@ def test_configure_installs_offline_then_a_run_changes_nothing_and_sigterm_stops
     )
     assert "default" not in routes.stdout
 
+    # Another program holds the proxy's port on the aggregator: configure names the host, the
+    # port and the stack key, and starts no SuperLink there.
+    squatter = lab.squat("agg", PORT)
+    try:
+        taken = lab.fedfleet(project, "configure", "--stack", "lab", "--json", timeout=1500)
+    finally:
+        squatter.communicate("")  # its stdin closed: it exits
+    said = " ".join(taken.stderr.split())
+    assert taken.returncode == 6, taken.stderr
+    assert f"port {PORT} on aggregator is already in use by another program" in said, said
+    assert "fedfleet:aggregator.port in the stack file" in said, said
+    assert not any(b"flower-superlink" in Path(f"/proc/{p}/cmdline").read_bytes() for p in lab.pids("agg"))
+
     first = lab.fedfleet(project, "configure", "--stack", "lab", "--json", timeout=1500)
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout)
@@ -181,6 +195,15 @@ def test_configure_installs_offline_then_a_run_changes_nothing_and_sigterm_stops
     running = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in lab.pids("eu-vm-1")}
     assert any(str(venv / "bin" / "flower-supernode").encode() in c for c in running.values())
     assert any(b"flower-superlink" in Path(f"/proc/{p}/cmdline").read_bytes() for p in lab.pids("agg"))
+    # From a participant's VM, with its CA certificate: the SuperLink's address serves the Fleet
+    # API only, and the SuperLink's own port (the aggregator's loopback) is not reachable; the
+    # operator's `flwr run` (through fedfleet's SSH tunnel to that port) is the run below.
+    stack_file = load_stack(project, "lab")
+    seen = participant_attempts(
+        lab.hosts["agg"], PORT, stack_paths(stack_file, project).pki / "ca.crt", lab.root,
+        inside=("ip", "netns", "exec", lab.ns("eu-vm-2")), internal=stack_file.aggregator.internal_port,
+    )  # fmt: skip
+    assert_participant_refused(seen, internal_closed=True)
     # The first contact with each host recorded its key; the private key was never sent.
     known = project / ".fedfleet" / "lab" / "known_hosts"
     for h in ("agg", "us-vm-1", "asia-vm-1", "eu-vm-1"):

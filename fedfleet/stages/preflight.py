@@ -73,25 +73,29 @@ def _sites(stack: StackConfig, project_dir: Path, test_fraction: float) -> dict[
 
 
 def superlink_port(stack: StackConfig, aggregator: Host, address: str) -> None:
-    """The local SuperLink's port is free, or held by the aggregator's own running service.
+    """The local SuperLink's ports are free (the proxy's at `address`, the SuperLink's own on
+    loopback), or held by the aggregator's own running services.
 
     (A participant VM's port is checked by the SuperNode role's preflight: a VM whose port
     is taken fails to start and the participant's next VM takes over.)"""
     if not stack.is_local or aggregator.status().reachable:
         return  # real hosts: the role checks; local: its services run (a `fedfleet configure` before)
-    port = stack.aggregator.port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        # As the servers do: connections in TIME_WAIT from a run that just ended
-        # must not count, a socket still listening must.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((address, port))
-        except OSError as err:
-            raise EnvironmentProblem(
-                f"port {address}:{port} ({stack.path}: {PROJECT}:aggregator.port) is already in use "
-                f"({err.strerror}). Stop whatever listens there (`ss -ltnp 'sport = :{port}'` "
-                "shows it) or change that key to a free port"
-            ) from err
+    for host, port, key in (
+        (address, stack.aggregator.port, "port"),
+        ("127.0.0.1", stack.aggregator.internal_port, "internalPort"),
+    ):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As the servers do: connections in TIME_WAIT from a run that just ended
+            # must not count, a socket still listening must.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as err:
+                raise EnvironmentProblem(
+                    f"port {host}:{port} ({stack.path}: {PROJECT}:aggregator.{key}) is already in use "
+                    f"({err.strerror}). Stop whatever listens there (`ss -ltnp 'sport = :{port}'` "
+                    "shows it) or change that key to a free port"
+                ) from err
 
 
 def _check(

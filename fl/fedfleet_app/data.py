@@ -109,6 +109,11 @@ def _load_npz(path: Path, spec: DataSpec) -> Split:
         x = x.astype(np.float32) / 255.0
     else:
         x = x.astype(np.float32)
+        if not np.isfinite(x).all():  # NaN would pass the range check below, and poison training
+            raise DataError(
+                f"{path}: x holds {int((~np.isfinite(x)).sum())} NaN or infinite pixel values; "
+                "replace or drop those images"
+            )
         if len(x) and (x.min() < 0.0 or x.max() > 1.0):
             raise DataError(
                 f"{path}: float pixels range over {x.min():g}..{x.max():g}; "
