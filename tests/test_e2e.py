@@ -115,16 +115,20 @@ def test_init_then_configure_then_two_rounds_with_your_own_model(make_project, t
     configured = fedfleet(project, "configure", "--stack", "lab", "--json", timeout=300)
     assert configured.returncode == 0, configured.stderr
     assert json.loads(configured.stdout)["changed"] > 0
+    proc = None
     try:
         check_control_api_closed_to_participants(project, "lab", tmp_path)
         # Those SuperNodes connected during `configure`: the run's play leaves them as they
         # are and the run accepts them (it does not wait for a new connection).
         proc = start_run(project, "--stack", "lab", "--json")
         out, err = proc.communicate(timeout=600)
-    finally:  # what `configure` started, whatever happened since (the run stops it on its own)
+    finally:  # what `configure` started, whatever happened since (a run stops it on its own)
+        if proc is not None and proc.poll() is None:  # the test failed first: the run lets go
+            proc.terminate()  # of the stack's lock as it stops
+            proc.wait(120)
         stopped = fedfleet(project, "stop", "--stack", "lab", timeout=120)
-    assert stopped.returncode == 0, stopped.stderr
     assert proc.returncode == 0, err
+    assert stopped.returncode == 0, stopped.stderr
     summary = json.loads(out)
     run_dir = project / "runs" / summary["run_id"]
     assert json.loads((run_dir / "summary.json").read_text()) == summary
@@ -133,7 +137,8 @@ def test_init_then_configure_then_two_rounds_with_your_own_model(make_project, t
     assert summary["model"] == {"model": "models/mlp.py:build", "class": "Sequential", "parameters": 4810}
     rounds = {r["round"]: r for r in summary["rounds"]}
     assert set(rounds) == {0, 1, 2}
-    assert rounds[2]["metrics"]["accuracy"] > rounds[0]["metrics"]["accuracy"]
+    # The model learns with one site poisoned (10.0 % -> 59.2 % in the run the README quotes).
+    assert rounds[2]["metrics"]["accuracy"] > rounds[0]["metrics"]["accuracy"] + 0.15
     for r in rounds.values():
         assert set(r["metrics"]) == {"loss", "accuracy", "f1", "precision", "recall"}
     # One SuperNode per participant, on one of its own VMs, all computing on the VM's worker
@@ -226,7 +231,9 @@ def check_control_api_closed_to_participants(project: Path, stack_name: str, tmp
     operator = FlwrCli(
         paths.operator_home, configure.connection_name(stack), f"127.0.0.1:{internal}", paths.pki / "ca.crt"
     )
-    assert operator.call("ls").get("success"), "the operator's flwr is served on the SuperLink's own port"
+    listed = operator.call("ls")
+    assert listed.get("success"), "the operator's flwr is served on the SuperLink's own port"
+    assert listed["runs"] == [], f"a participant's `flwr run` created a run: {listed['runs']}"
 
 
 def check_bad_supernodes_are_refused(port: int, ca: Path, tmp_path: Path) -> None:
@@ -457,9 +464,12 @@ def test_a_vm_whose_network_link_is_cut_is_replaced(make_project, tmp_path: Path
         localnet.set_link(net, "asia-vm-1", up=False)
         # Meanwhile, from another participant VM's namespace, with its CA certificate: the
         # SuperLink's address serves the Fleet API only; its own port is not reachable at all.
+        # (`flwr ls` only: `flwr run` is refused the same way on the loopback stack, and its FAB
+        # build would compete with the failover for this machine's two cores.)
         seen = participant_attempts(
             net.gateway, stack.aggregator.port, stack_paths(stack, project).pki / "ca.crt", tmp_path,
             inside=("ip", "netns", "exec", net.namespace("us-vm-2")), internal=stack.aggregator.internal_port,
+            commands=("flwr ls",),
         )  # fmt: skip
         out, err = proc.communicate(timeout=600)
         # What the run left of its network (checked before this test's own clean-up).

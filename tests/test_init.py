@@ -91,6 +91,10 @@ def test_a_cloud_stack(project: Path, tmp_path: Path):
         ([*SITES, "--classes", "a,b"], "give --data-path DIR"),
         ([*SITES, "--model", "models/none.py:build"], r"fedfleet:app.model: .*none.py does not exist"),
         (["--participant", "X@aws:us-east-1", *SITES], r"participants\[0\].name: 'X' must be"),
+        (
+            [*SITES, "--participant", "hospital-us@aws:us-west-2"],
+            r"participants\[2\]\.name: participant name 'hospital-us' is used twice",
+        ),
         ([*SITES, "--app", "nowhere"], r"--app: .*nowhere is not a directory"),
         (
             [*SITES, "--app", str(Path(__file__).parent / "fixtures" / "numpy-app"), "--model", "m.py:f"],

@@ -247,3 +247,41 @@ def test_the_run_horizon_counts_rounds_phases_and_the_wait():
     assert run_horizon(stack, settings).total_seconds() == 10 * 2 * 60 + 30
     with_train = AppSettings(num_server_rounds=10, round_timeout=60.0, node_wait_timeout=30.0)
     assert run_horizon(stack, with_train).total_seconds() == (10 + 1) * 60 + 30
+
+
+def test_adding_a_participant_leaves_the_aggregators_tls_untouched(make_project):
+    """The SuperLink's certificate names the aggregator's addresses only: a fourth participant
+    (its VMs make their own node keys) changes nothing any other site or the SuperLink holds."""
+    import copy
+    import datetime as dt
+
+    from fedfleet.core.paths import stack_paths
+    from fedfleet.core.stack import load_stack
+    from fedfleet.sandbox import free_ports, local_config
+    from fedfleet.stages import configure, provision
+
+    config = local_config()
+    project = make_project(config)
+
+    def prepare() -> dict[str, bytes]:
+        stack = load_stack(project, "local")
+        paths = stack_paths(stack, project)
+        inventory = provision.up_local(stack, project, with_network=False)
+        address = f"127.0.0.1:{stack.aggregator.internal_port}"
+        configure.prepare_controller(stack, inventory, paths, address, dt.timedelta(days=1))
+        return {p.name: p.read_bytes() for p in sorted(paths.pki.iterdir()) if p.is_file()}
+
+    before = prepare()
+    assert {"ca.crt", "ca.key", "superlink.crt", "superlink.key"} <= set(before)
+    added = copy.deepcopy(config["fedfleet:participants"][0])
+    used = {config["fedfleet:aggregator"]["port"], config["fedfleet:aggregator"]["internalPort"]}
+    used |= {vm["port"] for p in config["fedfleet:participants"] for vm in p["vms"]}
+    fresh = iter(p for p in free_ports(len(used) + 4) if p not in used)
+    added["name"] = "clinic-new"
+    added["vms"] = [
+        {**vm, "name": f"new-vm-{i}", "port": next(fresh)} for i, vm in enumerate(added["vms"], 1)
+    ]
+    config["fedfleet:participants"].append(added)
+    make_project(config)
+    assert [p.name for p in load_stack(project, "local").participants][-1] == "clinic-new"
+    assert prepare() == before

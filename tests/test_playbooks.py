@@ -296,7 +296,9 @@ def test_every_systemd_unit_the_roles_write_passes_systemd_analyze_verify(tmp_pa
     analyze = Path("/usr/bin/systemd-analyze")
     nginx = Path("/usr/sbin/nginx")
     if not playbook.exists() or not analyze.exists() or not nginx.exists():
-        pytest.skip("needs ansible-playbook, systemd-analyze and nginx (make setup installs them)")
+        pytest.skip(
+            "needs ansible-playbook (make setup), nginx (make setup as root) and systemd-analyze (systemd)"
+        )
     units = tmp_path / "units"
     units.mkdir()
     files = [

@@ -168,11 +168,11 @@ def test_configure_installs_offline_then_a_run_changes_nothing_and_sigterm_stops
     )
     assert "default" not in routes.stdout
 
-    # Another program holds the proxy's port on the aggregator: configure names the host, the
-    # port and the stack key, and starts no SuperLink there.
+    # Another program holds the proxy's port on the aggregator: configuring it names the host,
+    # the port and the stack key, and starts no SuperLink there.
     squatter = lab.squat("agg", PORT)
     try:
-        taken = lab.fedfleet(project, "configure", "--stack", "lab", "--json", timeout=1500)
+        taken = lab.fedfleet(project, "configure", "--stack", "lab", "--limit", "aggregator", timeout=600)
     finally:
         squatter.communicate("")  # its stdin closed: it exits
     said = " ".join(taken.stderr.split())

@@ -98,6 +98,12 @@ def test_duplicate_vm_names(make_project):
     _expect(make_project, config, r"participants\[2\]\.vms\[1\]\.name: VM name .* is already used by")
 
 
+def test_a_participant_given_twice_is_named(make_project):
+    config = _config()
+    config["fedfleet:participants"][2]["name"] = config["fedfleet:participants"][0]["name"]
+    _expect(make_project, config, r"participants\[2\]\.name: participant name '[a-z-]+' is used twice")
+
+
 def test_participant_without_vms(make_project):
     config = _config()
     config["fedfleet:participants"][0]["vms"] = []
