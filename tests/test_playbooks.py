@@ -351,3 +351,61 @@ def test_every_systemd_unit_the_roles_write_passes_systemd_analyze_verify(tmp_pa
     )  # fmt: skip
     said = [line for line in (checked.stdout + checked.stderr).splitlines() if line.strip()]
     assert checked.returncode == 0 and said == [], said
+
+
+def test_the_stop_waits_for_what_a_service_left_then_kills_the_rest(tmp_path: Path):
+    """`tasks_from: stop` with `flower_common_stop_leftovers`: a process that follows its parent
+    out on its own (as Flower's SuperExec and ServerApp do) is waited for; one that does not is
+    killed once the wait is over. Nothing matching is left when the play returns."""
+    import signal
+    import time
+
+    playbook = Path(sys.executable).with_name("ansible-playbook")
+    if not playbook.exists():
+        pytest.skip("ansible-playbook is not installed in this environment (make setup installs it)")
+    leaving, staying = (f"--runtime-api-address 127.0.0.1:{p}" for p in (21001, 21002))
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", f"import time; time.sleep({seconds})", *flags.split()],
+            start_new_session=True,
+        )
+        for name, seconds, flags in (("leaving", 2.5, leaving), ("staying", 600, staying))
+    }
+    (tmp_path / "inventory.ini").write_text(
+        f"host ansible_connection=local ansible_python_interpreter={sys.executable}\n"
+    )
+    task = {"ansible.builtin.include_role": {"name": "flower_common", "tasks_from": "stop"}, "name": "Stop"}
+    (tmp_path / "play.yml").write_text(
+        yaml.safe_dump([{"name": "Stop", "hosts": "host", "gather_facts": False, "tasks": [task]}])
+    )
+    variables = {
+        "flower_common_service_manager": "supervisor",
+        "flower_common_home": str(tmp_path / "home"),  # no supervisor there: nothing else to stop
+        "flower_common_venv": str(Path(sys.executable).parent.parent),
+        "flower_common_services": [],
+        "flower_common_become": False,
+        "flower_common_stop_wait": 4,
+        # as stop.yml writes them: the port ends the match (21001 must not match 210010)
+        "flower_common_stop_leftovers": [f"{p}( |$)" for p in (leaving, staying)],
+    }
+    started = time.monotonic()
+    try:
+        # (ansible-playbook takes about a second to start: "leaving" is still there when the
+        # stop first looks, so it is waited for, not merely found gone)
+        done = subprocess.run(
+            [str(playbook), "-i", "inventory.ini", "play.yml", "-e", json.dumps(variables)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+            env={"PATH": f"{playbook.parent}:/usr/bin:/bin", "HOME": str(Path.home()),
+                 "ANSIBLE_ROLES_PATH": str(PLAYBOOKS / "roles"),
+                 "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"), "ANSIBLE_NOCOLOR": "1"},
+        )  # fmt: skip
+        took = time.monotonic() - started
+        codes = {name: proc.poll() for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert codes == {"leaving": 0, "staying": -signal.SIGKILL}, (codes, done.stdout[-2000:])
+    assert took >= 4, took  # the wait ran its course for the one that stayed
